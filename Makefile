@@ -1,0 +1,42 @@
+# azaion-loader developer commands. Everything runs from the project's own virtual environment.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+RUN_DIR ?= $(CURDIR)/.run
+
+.PHONY: run test check lint types bench deb demo clean
+
+$(BIN)/azaion-loader: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+venv: $(BIN)/azaion-loader
+
+## run: the agent on local defaults (no root), with a local dev-api as its Resource API
+run: venv
+	$(BIN)/python scripts/run_local.py --dir $(RUN_DIR)
+
+## test: the whole test suite (starts its own dev-api, dockerd and systemd containers)
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## check: formatting, lint, types, then the tests
+check: venv
+	$(BIN)/ruff format --check agent tests bench scripts
+	$(BIN)/ruff check agent tests bench scripts
+	$(BIN)/mypy agent
+	$(MAKE) test
+
+bench: venv
+	@for script in bench/bench_*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+
+deb:
+	bash packaging/build-deb.sh
+
+demo: venv
+	$(BIN)/python scripts/demo.py
+
+clean:
+	rm -rf $(VENV) dist build .run .pytest_cache

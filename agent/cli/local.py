@@ -1,0 +1,194 @@
+"""Subcommands that run the agent or talk to the running agent over its socket."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.cli.progress import Progress
+from agent.errors import LoaderError
+from agent.localclient import AgentClient
+from agent.settings import Settings
+
+UNLOCK_POLL_SECONDS = 0.5
+DONE_STATES = ("ready", "error")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("serve", help="run the agent (what the systemd unit starts)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("status", help="print the running agent's status")
+    _socket_options(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("login", help="set credentials on the running agent")
+    p.add_argument("--email", required=True)
+    _socket_options(p)
+    p.set_defaults(func=cmd_login)
+
+    p = sub.add_parser("unlock", help="start the unlock of the Docker images")
+    p.add_argument("--wait", action="store_true", help="show progress until ready or error")
+    _socket_options(p)
+    p.set_defaults(func=cmd_unlock)
+
+    p = sub.add_parser("load", help="fetch and decrypt a resource through the running agent")
+    p.add_argument("name")
+    p.add_argument("--folder", required=True)
+    p.add_argument("-o", "--output", help="output file ('-' for stdout; default: ./NAME)")
+    _socket_options(p)
+    p.set_defaults(func=cmd_load)
+
+    p = sub.add_parser("upload", help="encrypt, split and upload a resource")
+    p.add_argument("file", type=Path)
+    p.add_argument("--folder", required=True)
+    p.add_argument("--name", help="resource name (default: the file's name)")
+    _socket_options(p)
+    p.set_defaults(func=cmd_upload)
+
+
+def _socket_options(p: argparse.ArgumentParser) -> None:
+    default = os.environ.get("LOADER_SOCKET_PATH") or str(
+        Settings.model_fields["loader_socket_path"].default
+    )
+    p.add_argument("--socket", type=Path, default=Path(default), help=f"default: {default}")
+    p.add_argument("--json", action="store_true", help="print JSON for machines")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from agent.logs import setup_logging
+    from agent.settings import load_settings
+
+    settings = load_settings()  # a bad setting stops here: one line, exit 2
+    setup_logging(settings.loader_log_level)
+    from agent.service import run
+
+    return run(settings)
+
+
+def _print(args: argparse.Namespace, data: dict[str, Any], human: str) -> None:
+    print(json.dumps(data, indent=2) if args.json else human)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    data = AgentClient(args.socket).get_json("/status")
+    unlock = data.get("unlock") or {}
+    lines = [
+        f"azaion-loader {data.get('version', '?')}: {data.get('status')}",
+        f"  authenticated: {'yes' if data.get('authenticated') else 'no'}",
+        f"  model cache:   {data.get('modelCacheDir')}",
+        f"  images:        {describe_unlock(unlock)}",
+    ]
+    _print(args, data, "\n".join(lines))
+    return 0
+
+
+def describe_unlock(snapshot: dict[str, Any]) -> str:
+    state = str(snapshot.get("state", "unknown"))
+    message = snapshot.get("message")
+    if snapshot.get("error"):
+        return f"{state}: {snapshot['error']}"
+    progress = snapshot.get("progress") or {}
+    if state not in ("idle", "ready") and progress.get("bytes_total"):
+        return f"{state} {progress.get('percent', 0):.0f}%"
+    return f"{state}: {message}" if message else state
+
+
+def _read_password() -> str:
+    password = os.environ.get("AZAION_PASSWORD")
+    if password:
+        return password
+    if sys.stdin.isatty():
+        return getpass.getpass("Password: ")
+    line = sys.stdin.readline().rstrip("\n")
+    if not line:
+        raise LoaderError("no password: set AZAION_PASSWORD or type it at the prompt")
+    return line
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    password = _read_password()
+    data = AgentClient(args.socket).post_json("/login", {"email": args.email, "password": password})
+    human = (
+        "logged in"
+        if data.get("verified")
+        else "credentials set (Resource API unreachable: not yet verified)"
+    )
+    _print(args, data, human)
+    return 0
+
+
+def cmd_unlock(args: argparse.Namespace) -> int:
+    client = AgentClient(args.socket)
+    snapshot = client.post_json("/unlock")
+    if not args.wait:
+        _print(args, snapshot, describe_unlock(snapshot))
+        return 0 if snapshot.get("state") != "error" else 1
+    progress = Progress("unlock")
+    try:
+        while snapshot.get("state") not in DONE_STATES:
+            bar = snapshot.get("progress") or {}
+            progress.update(
+                int(bar.get("bytes_done") or 0),
+                int(bar.get("bytes_total") or 0),
+                label=str(snapshot.get("state")),
+            )
+            time.sleep(UNLOCK_POLL_SECONDS)
+            snapshot = client.get_json("/unlock/status")
+    finally:
+        progress.close()
+    if snapshot.get("state") == "error":
+        raise LoaderError(f"unlock failed: {snapshot.get('error')}")
+    _print(args, snapshot, describe_unlock(snapshot))
+    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    client = AgentClient(args.socket, timeout=None)
+    output = args.output or args.name
+    progress = Progress(f"load {args.name}")
+    try:
+        if output == "-":
+            client.load(args.folder, args.name, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+            return 0
+        target = Path(output)
+        # Write beside the target and rename: a failed load leaves no partial file.
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                size = client.load(args.folder, args.name, out, progress.update)
+            os.replace(tmp, target)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    finally:
+        progress.close()
+    if not args.json:
+        print(f"{args.name}: {size} bytes -> {target}")
+    else:
+        print(json.dumps({"name": args.name, "bytes": size, "path": str(target)}))
+    return 0
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    path: Path = args.file
+    if not path.is_file():
+        raise LoaderError(f"no such file: {path}")
+    name = args.name or path.name
+    progress = Progress(f"upload {name}", total=path.stat().st_size)
+    try:
+        data = AgentClient(args.socket, timeout=None).upload(
+            path, args.folder, name, progress.update
+        )
+    finally:
+        progress.close()
+    _print(args, data, f"{name}: uploaded to {args.folder}")
+    return 0

@@ -1,0 +1,125 @@
+"""``azaion-loader serve``: the service's lifecycle, apart from what it serves.
+
+Open listeners -> build services -> serve -> READY=1 -> (auto unlock) -> wait for SIGTERM ->
+STOPPING=1 -> finish responses in flight (bounded) -> close everything -> remove the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Mapping
+
+from aiohttp import web
+from loguru import logger
+
+from agent import __version__
+from agent.api_client import ResourceApiClient
+from agent.errors import LoaderError, NotFoundError
+from agent.listeners import Listener, open_listeners
+from agent.logs import register_secret
+from agent.notify import Notifier
+from agent.resources import ResourceStore
+from agent.server import Services, create_app
+from agent.settings import Settings
+from agent.unlock import UnlockManager
+
+# Debug-only hook for the watchdog system test: SIGUSR2 blocks the event loop.
+DEBUG_BLOCK_ENV = "LOADER_DEBUG_BLOCK_LOOP_ON_SIGUSR2"
+DEBUG_BLOCK_SECONDS = 600
+
+
+def build_services(settings: Settings, notifier: Notifier) -> Services:
+    api = ResourceApiClient(settings.resource_api_url)
+    if settings.azaion_email and settings.azaion_password:
+        password = settings.azaion_password.get_secret_value()
+        register_secret(password)
+        api.set_credentials(settings.azaion_email, password)
+    unlock: UnlockManager
+
+    def on_unlock_change() -> None:
+        notifier.status(serving_status(unlock))
+
+    unlock = UnlockManager(settings, api, on_change=on_unlock_change)
+    resources = ResourceStore(api, settings.model_cache_dir)
+    return Services(settings=settings, api=api, resources=resources, unlock=unlock)
+
+
+def serving_status(unlock: UnlockManager) -> str:
+    return f"serving; {unlock.status_line()}"
+
+
+async def serve(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
+    env = os.environ if environ is None else environ
+    started = time.monotonic()
+    listeners = open_listeners(
+        settings.loader_socket_path, settings.loader_http_host, settings.loader_http_port, env
+    )
+    notifier = Notifier(env)
+    services = build_services(settings, notifier)
+    runner = web.AppRunner(
+        create_app(services),
+        handle_signals=False,
+        shutdown_timeout=settings.loader_shutdown_timeout,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    if env.get(DEBUG_BLOCK_ENV) == "1":
+        loop.add_signal_handler(signal.SIGUSR2, _block_loop)
+    watchdog = asyncio.create_task(notifier.watchdog_loop(), name="watchdog")
+    try:
+        await runner.setup()
+        for listener in listeners:
+            await web.SockSite(runner, listener.sock).start()
+        logger.info(
+            "azaion-loader {} serving on {} ({:.0f} ms)",
+            __version__,
+            ", ".join(listener.description for listener in listeners),
+            (time.monotonic() - started) * 1000,
+        )
+        notifier.ready(serving_status(services.unlock))
+        await _auto_unlock(settings, services)
+        await stop.wait()
+        logger.info("stopping")
+        notifier.stopping()
+    finally:
+        watchdog.cancel()
+        await _shutdown(runner, services, listeners)
+    logger.info("stopped")
+
+
+async def _auto_unlock(settings: Settings, services: Services) -> None:
+    if not settings.loader_auto_unlock:
+        logger.info("automatic unlock is off (LOADER_AUTO_UNLOCK=false)")
+        return
+    if not services.api.has_credentials:
+        logger.info("no credentials configured: waiting for POST /login or /unlock")
+        # The archive may already be unlocked: that needs no credentials.
+    try:
+        await services.unlock.start()
+    except NotFoundError as exc:
+        logger.info("nothing to unlock: {}", exc)
+    except LoaderError as exc:
+        logger.error("automatic unlock did not start: {}", exc)
+
+
+async def _shutdown(runner: web.AppRunner, services: Services, listeners: list[Listener]) -> None:
+    await services.unlock.close()
+    await runner.cleanup()  # stops accepting, finishes responses in flight (bounded)
+    await services.api.close()
+    for listener in listeners:
+        listener.close()
+
+
+def _block_loop() -> None:
+    logger.warning("debug hook: blocking the event loop for {} s", DEBUG_BLOCK_SECONDS)
+    time.sleep(DEBUG_BLOCK_SECONDS)
+
+
+def run(settings: Settings) -> int:
+    asyncio.run(serve(settings))
+    return 0

@@ -1,0 +1,134 @@
+"""Settings from the environment (names and defaults fixed by DESIGN.md).
+
+The systemd unit also reads them from ``/etc/azaion-loader/loader.env``. Credentials come from
+``AZAION_EMAIL`` / ``AZAION_PASSWORD`` or, preferably, from the files ``email`` and ``password``
+in ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``); the environment wins when both exist.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from agent.errors import ConfigError
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    resource_api_url: str = "https://api.azaion.com"
+    images_path: Path = Path("/opt/azaion/images.enc")
+    api_version: str = "latest"
+    loader_socket_path: Path = Path("/run/azaion-loader/loader.sock")
+    loader_http_host: str = "127.0.0.1"
+    loader_http_port: int = Field(default=8765, ge=0, le=65535)
+    loader_auto_unlock: bool = True
+    loader_state_dir: Path = Path("/var/lib/azaion-loader")
+    model_cache_dir: Path = Path("/var/cache/azaion-loader")
+    loader_device_fragment_path: Path | None = None
+    docker_host: str | None = None
+    azaion_email: str | None = None
+    azaion_password: SecretStr | None = None
+    # Limits on what local callers may send: JSON bodies are small; uploads stream.
+    loader_max_json_bytes: int = Field(default=64 * 1024, gt=0)
+    loader_max_upload_bytes: int = Field(default=16 * 1024 * MiB, gt=0)
+    # How long a graceful stop waits for responses in flight.
+    loader_shutdown_timeout: float = Field(default=10.0, gt=0)
+    loader_log_level: str = "INFO"
+
+    @field_validator("loader_log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return level
+
+    @field_validator("resource_api_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator(
+        "images_path",
+        "loader_socket_path",
+        "loader_state_dir",
+        "model_cache_dir",
+        "loader_device_fragment_path",
+    )
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_absolute():
+            raise ValueError("must be an absolute path")
+        return value
+
+    @field_validator("loader_socket_path")
+    @classmethod
+    def _fits_sun_path(cls, value: Path) -> Path:
+        if len(os.fsencode(value)) > 107:
+            raise ValueError("is longer than a Unix socket path may be (107 bytes)")
+        return value
+
+    @property
+    def has_credentials(self) -> bool:
+        return bool(self.azaion_email and self.azaion_password)
+
+
+def _credentials_from_directory(environ: Mapping[str, str]) -> dict[str, str]:
+    """Read ``email`` / ``password`` from systemd's credentials directory, if any."""
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    found: dict[str, str] = {}
+    if not directory:
+        return found
+    for name, field in (("email", "azaion_email"), ("password", "azaion_password")):
+        path = Path(directory, name)
+        try:
+            found[field] = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise ConfigError(f"cannot read credential {path}: {exc.strerror}") from exc
+    return found
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+    """Build the settings from ``environ`` (default ``os.environ``) and explicit overrides.
+
+    A bad value raises ``ConfigError`` naming the variable, never echoing the value (it may be
+    a secret).
+    """
+    env = dict(os.environ if environ is None else environ)
+    values: dict[str, object] = {}
+    for field in Settings.model_fields:
+        for key in (field.upper(), field):
+            # An empty assignment (``FOO=`` in loader.env) means "not set": keep the default.
+            if env.get(key):
+                values[field] = env[key]
+                break
+    for field, value in _credentials_from_directory(env).items():
+        values.setdefault(field, value)
+    values.update(overrides)
+    try:
+        # Validate our merged mapping only: the environment was already read above.
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    name = str(first["loc"][0]).upper() if first["loc"] else "settings"
+    message = str(first["msg"])
+    if message.startswith("Value error, "):
+        message = message.removeprefix("Value error, ")
+    more = len(exc.errors()) - 1
+    suffix = f" (and {more} more invalid setting{'s' if more > 1 else ''})" if more else ""
+    return f"invalid setting {name}: {message}{suffix}"

@@ -1,0 +1,3 @@
+"""Shared fixtures: each lives in tests/fixtures/ and is loaded here."""
+
+pytest_plugins = ["tests.fixtures.agent"]

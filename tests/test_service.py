@@ -1,0 +1,252 @@
+"""The real agent process on a real Unix socket and loopback TCP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.agent import REPO, AgentProcess, agent_env, tcp_request, unix_request
+
+MakeAgent = Callable[..., AgentProcess]
+
+
+def test_health_status_and_socket_mode(make_agent: MakeAgent) -> None:
+    agent = make_agent()
+    reply = agent.request("GET", "/health")
+    assert (reply.status, reply.json()) == (200, {"status": "healthy"})
+    assert stat.S_IMODE(agent.socket_path.stat().st_mode) == 0o660
+    status = agent.request("GET", "/status").json()
+    assert status["status"] == "healthy"
+    assert status["authenticated"] is False
+    assert status["modelCacheDir"] == agent.env["MODEL_CACHE_DIR"]
+    assert status["unlock"]["state"] in ("idle", "checking", "error")
+    assert set(status["unlock"]["progress"]) >= {"stage", "bytes_done", "bytes_total", "percent"}
+
+
+def test_tcp_listens_on_loopback_only(make_agent: MakeAgent) -> None:
+    agent = make_agent()
+    reply = tcp_request(agent.port, "GET", "/health")
+    assert reply.status == 200
+    # Bound to 127.0.0.1: a non-loopback address of this machine does not answer.
+    with socket.socket() as probe:
+        probe.settimeout(2)
+        for address in _non_loopback_addresses():
+            assert probe.connect_ex((address, agent.port)) != 0
+
+
+def _non_loopback_addresses() -> list[str]:
+    out = subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout
+    return [a for a in out.split() if "." in a and not a.startswith("127.")]
+
+
+def test_http_port_zero_disables_tcp(make_agent: MakeAgent) -> None:
+    agent = make_agent(LOADER_HTTP_PORT="0")
+    assert agent.request("GET", "/health").status == 200
+    assert "http://" not in agent.log().split("serving on", 1)[1].splitlines()[0]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Host": "evil.example"},
+        {"Host": "evil.example:8765"},
+        {"Host": "127.0.0.1.nip.io"},
+        {"Host": "localhost", "Origin": "http://evil.example"},
+        {"Host": "localhost", "Origin": "null"},
+        {"Host": "localhost", "Sec-Fetch-Site": "cross-site"},
+    ],
+)
+def test_foreign_host_or_origin_is_refused(make_agent: MakeAgent, headers: dict[str, str]) -> None:
+    agent = make_agent()
+    for reply in (
+        agent.request("GET", "/status", headers=headers),
+        tcp_request(agent.port, "GET", "/status", headers=headers),
+    ):
+        assert reply.status == 403
+        body = reply.json()
+        assert body["error"] == "forbidden"
+        assert body["message"]
+
+
+def test_loopback_origins_are_accepted(make_agent: MakeAgent) -> None:
+    agent = make_agent()
+    for origin in ("http://localhost:3000", "http://127.0.0.1", "http://[::1]:8080"):
+        reply = tcp_request(agent.port, "GET", "/health", headers={"Origin": origin})
+        assert reply.status == 200, origin
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/load/..%2Fetc%2Fpasswd",
+        "/load/..",
+        "/load/%2e%2e",
+        "/load/a%00b",
+        "/load/a%5Cb",
+        "/load/.hidden",
+        "/load/a%0Ab",
+        "/upload/..%2F..%2Fx",
+    ],
+)
+def test_unsafe_names_in_paths_get_400(make_agent: MakeAgent, path: str) -> None:
+    agent = make_agent()
+    reply = agent.request("POST", path, {"folder": "models"})
+    assert reply.status == 400, (path, reply.body)
+    assert reply.json()["error"] == "invalid_name"
+
+
+@pytest.mark.parametrize("folder", ["../etc", "/abs", "a/b", "a\\b", "..", "x\x00y", ""])
+def test_unsafe_folder_in_body_gets_400(make_agent: MakeAgent, folder: str) -> None:
+    agent = make_agent()
+    reply = agent.request("POST", "/load/model.bin", {"folder": folder})
+    assert reply.status == 400
+    assert reply.json()["error"] == "invalid_name"
+
+
+def test_errors_are_json(make_agent: MakeAgent) -> None:
+    agent = make_agent()
+    cases = [
+        (agent.request("GET", "/nope"), 404, "not_found"),
+        (agent.request("DELETE", "/health"), 405, "method_not_allowed"),
+        (agent.request("POST", "/login", b"{not json"), 400, "bad_request"),
+        (agent.request("POST", "/login", b"[1, 2]"), 400, "bad_request"),
+        (agent.request("POST", "/login", {"email": "a@b.c"}), 400, "bad_request"),
+        (agent.request("POST", "/login", b"x" * (65 * 1024)), 413, "payload_too_large"),
+    ]
+    for reply, status, code in cases:
+        assert reply.status == status, reply.body
+        body = reply.json()
+        assert body["error"] == code
+        assert isinstance(body["message"], str) and body["message"]
+        assert "Traceback" not in body["message"]
+
+
+def test_missing_field_message_names_field_not_value(make_agent: MakeAgent) -> None:
+    agent = make_agent()
+    reply = agent.request("POST", "/login", {"email": 5, "password": "s3cret-value"})
+    assert reply.status == 400
+    assert "email" in reply.json()["message"]
+    assert "s3cret-value" not in reply.body.decode()
+
+
+def test_upload_over_the_limit_is_413(make_agent: MakeAgent) -> None:
+    agent = make_agent(LOADER_MAX_UPLOAD_BYTES="1000")
+    body = b"--b\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\n" + b"x" * 2000
+    reply = agent.request(
+        "POST",
+        "/upload/model.bin?folder=models",
+        body,
+        headers={"Content-Type": "multipart/form-data; boundary=b"},
+    )
+    assert reply.status == 413
+    assert reply.json()["error"] == "payload_too_large"
+
+
+def test_stale_socket_is_replaced_and_live_one_refused(make_agent: MakeAgent) -> None:
+    first = make_agent(start=False)
+    # A stale socket file, as a crash leaves behind.
+    first.socket_path.parent.mkdir(parents=True)
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(first.socket_path))
+    stale.close()
+    first.start()
+    assert first.request("GET", "/health").status == 200
+    # A second agent on the same path refuses clearly and leaves the first one serving.
+    env = {**first.env, "LOADER_HTTP_PORT": "0"}
+    result = subprocess.run(
+        [sys.executable, "-m", "agent", "serve"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "another agent is already serving on" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert first.request("GET", "/health").status == 200
+
+
+def test_sigterm_stops_cleanly_and_removes_socket(make_agent: MakeAgent) -> None:
+    agent = make_agent()
+    assert agent.stop(signal.SIGTERM) == 0
+    assert not agent.socket_path.exists()
+    assert "stopped" in agent.log()
+
+
+def test_socket_activation_with_inherited_sockets(agent_root: Path) -> None:
+    """systemd passes a listening Unix socket and a TCP socket as fds 3 and 4."""
+    env = agent_env(agent_root)
+    path = agent_root / "activated.sock"
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(str(path))
+    unix.listen()
+    tcp = socket.create_server(("127.0.0.1", 0))
+    port = tcp.getsockname()[1]
+
+    def place_fds() -> None:
+        os.dup2(unix.fileno(), 3)
+        os.dup2(tcp.fileno(), 4)
+
+    env.update(LISTEN_FDS="2", LISTEN_FDNAMES="loader.sock:http")
+    log = (agent_root / "activated.log").open("wb")
+    proc = subprocess.Popen(
+        ["sh", "-c", 'export LISTEN_PID=$$; exec "$@"', "sh", sys.executable, "-m", "agent", "serve"],
+        env=env,
+        cwd=REPO,
+        stdout=log,
+        stderr=log,
+        pass_fds=(unix.fileno(), tcp.fileno()),
+        preexec_fn=place_fds,
+    )
+    unix.close()
+    tcp.close()
+    try:
+        # The sockets were listening before the agent started: a client may connect at once
+        # and simply waits for the answer.
+        reply = unix_request(path, "GET", "/health")
+        assert (reply.status, reply.json()) == (200, {"status": "healthy"})
+        assert tcp_request(port, "GET", "/health").status == 200
+        # It did not create its own socket.
+        assert not Path(env["LOADER_SOCKET_PATH"]).exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        log.close()
+    text = (agent_root / "activated.log").read_text()
+    assert "(from systemd)" in text
+    # systemd owns the socket file: the agent leaves it.
+    assert path.exists()
+
+
+def test_cli_status_human_and_json(make_agent: MakeAgent) -> None:
+    agent = make_agent()
+    human = agent.cli("status")
+    assert human.returncode == 0, human.stderr
+    assert "healthy" in human.stdout and "images:" in human.stdout
+    machine = agent.cli("status", "--json")
+    data = json.loads(machine.stdout)
+    assert data["status"] == "healthy" and "unlock" in data
+
+
+def test_cli_status_without_agent_is_one_clear_line(agent_root: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "agent", "status", "--socket", str(agent_root / "none.sock")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"azaion-loader: error: the agent is not running: no socket at {agent_root}/none.sock"
+    )
