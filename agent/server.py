@@ -14,7 +14,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from aiohttp import BodyPartReader, web
 from loguru import logger
@@ -113,7 +113,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except errors.LoaderError as exc:
         status, code = status_for(exc)
         log = logger.warning if status < 500 else logger.error
-        log("{} {} -> {} {}: {}", request.method, request.path, status, code, exc)
+        log("{} {} -> {} {}: {}", request.method, request.raw_path, status, code, exc)
         return error_response(status, code, str(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -124,15 +124,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
-        logger.exception("unexpected error in {} {}", request.method, request.path)
+        logger.exception("unexpected error in {} {}", request.method, request.raw_path)
         return error_response(500, "internal_error", "internal error; see the agent's log")
 
 
 def _http_message(request: web.Request, exc: web.HTTPException) -> str:
+    # raw_path: percent-encoded as sent, so no control characters reach the message or the log.
+    path = request.raw_path.split("?", 1)[0]
     if exc.status == 404:
-        return f"no such endpoint: {request.method} {request.path}"
+        return f"no such endpoint: {request.method} {path}"
     if exc.status == 405:
-        return f"method {request.method} is not allowed on {request.path}"
+        return f"method {request.method} is not allowed on {path}"
     if exc.status == 413:
         return "request body is too large"
     return exc.text or exc.reason
@@ -179,7 +181,18 @@ async def local_only_middleware(request: web.Request, handler: Handler) -> web.S
         raise errors.ForbiddenRequest("cross-origin requests are refused (foreign Origin header)")
     if request.headers.get("Sec-Fetch-Site") == "cross-site":
         raise errors.ForbiddenRequest("cross-site requests are refused")
+    _refuse_dot_segments(request.raw_path)
     return await handler(request)
+
+
+def _refuse_dot_segments(raw_path: str) -> None:
+    """'.' and '..' segments (plain or percent-encoded) are traversal attempts, not typos.
+
+    The URL library would silently resolve them (``/load/..`` becomes ``/``); refuse instead.
+    """
+    path = unquote(raw_path.split("?", 1)[0])
+    if any(segment in (".", "..") for segment in path.split("/")):
+        raise errors.InvalidName("the path must not contain '.' or '..' segments")
 
 
 def validate_name(value: object, field: str) -> str:
