@@ -65,8 +65,7 @@ def _journal_format(record: Record) -> str:
 
 
 _CONSOLE_FORMAT = (
-    "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
-    "{message}\n{exception}"
+    "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> <level>{level: <7}</level> {message}"
 )
 
 

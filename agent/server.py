@@ -7,6 +7,7 @@ service's paths and fields (health, status, login, load, upload, unlock, unlock/
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import re
@@ -354,7 +355,7 @@ async def upload(request: web.Request) -> web.Response:
             result = await request.app[SERVICES].resources.upload(
                 folder, filename, _limited(part, limit)
             )
-            return web.json_response({"status": "ok", **_as_dict(result)})
+            return web.json_response({"status": "ok", **dataclasses.asdict(result)})
         else:
             await part.release()
     raise errors.RequestError("upload has no 'file' field")
@@ -367,20 +368,6 @@ async def _limited(part: BodyPartReader, limit: int) -> AsyncIterator[bytes]:
         if total > limit:
             raise errors.PayloadTooLarge(f"upload is larger than the limit of {limit} bytes")
         yield chunk
-
-
-def _as_dict(result: object) -> dict[str, Any]:
-    if isinstance(result, dict):
-        return result
-    if hasattr(result, "__dataclass_fields__"):
-        import dataclasses
-
-        return {k: v for k, v in dataclasses.asdict(result).items() if _jsonable(v)}  # type: ignore[call-overload]
-    return {}
-
-
-def _jsonable(value: object) -> bool:
-    return isinstance(value, str | int | float | bool) or value is None
 
 
 def create_app(services: Services) -> web.Application:

@@ -110,6 +110,7 @@ async def _auto_unlock(settings: Settings, services: Services) -> None:
 async def _shutdown(runner: web.AppRunner, services: Services, listeners: list[Listener]) -> None:
     await services.unlock.close()
     await runner.cleanup()  # stops accepting, finishes responses in flight (bounded)
+    await services.resources.close()
     await services.api.close()
     for listener in listeners:
         listener.close()

@@ -52,9 +52,7 @@ def notify_socket(agent_root: Path) -> Iterator[NotifyListener]:
 def test_ready_status_watchdog_stopping(
     make_agent: MakeAgent, notify_socket: NotifyListener
 ) -> None:
-    agent = make_agent(
-        start=False, NOTIFY_SOCKET=str(notify_socket.path), WATCHDOG_USEC="200000"
-    )
+    agent = make_agent(start=False, NOTIFY_SOCKET=str(notify_socket.path), WATCHDOG_USEC="200000")
     agent.start(wait=False)
     ready = notify_socket.until("READY")
     assert ready["READY"] == "1"

@@ -32,8 +32,8 @@ def test_health_status_and_socket_mode(make_agent: MakeAgent) -> None:
     assert set(status["unlock"]["progress"]) >= {"stage", "bytes_done", "bytes_total", "percent"}
 
 
-def test_tcp_listens_on_loopback_only(make_agent: MakeAgent) -> None:
-    agent = make_agent()
+def test_tcp_listens_on_loopback_only(shared_agent: AgentProcess) -> None:
+    agent = shared_agent
     reply = tcp_request(agent.port, "GET", "/health")
     assert reply.status == 200
     # Bound to 127.0.0.1: a non-loopback address of this machine does not answer.
@@ -65,8 +65,10 @@ def test_http_port_zero_disables_tcp(make_agent: MakeAgent) -> None:
         {"Host": "localhost", "Sec-Fetch-Site": "cross-site"},
     ],
 )
-def test_foreign_host_or_origin_is_refused(make_agent: MakeAgent, headers: dict[str, str]) -> None:
-    agent = make_agent()
+def test_foreign_host_or_origin_is_refused(
+    shared_agent: AgentProcess, headers: dict[str, str]
+) -> None:
+    agent = shared_agent
     for reply in (
         agent.request("GET", "/status", headers=headers),
         tcp_request(agent.port, "GET", "/status", headers=headers),
@@ -77,8 +79,8 @@ def test_foreign_host_or_origin_is_refused(make_agent: MakeAgent, headers: dict[
         assert body["message"]
 
 
-def test_loopback_origins_are_accepted(make_agent: MakeAgent) -> None:
-    agent = make_agent()
+def test_loopback_origins_are_accepted(shared_agent: AgentProcess) -> None:
+    agent = shared_agent
     for origin in ("http://localhost:3000", "http://127.0.0.1", "http://[::1]:8080"):
         reply = tcp_request(agent.port, "GET", "/health", headers={"Origin": origin})
         assert reply.status == 200, origin
@@ -97,23 +99,23 @@ def test_loopback_origins_are_accepted(make_agent: MakeAgent) -> None:
         "/upload/..%2F..%2Fx",
     ],
 )
-def test_unsafe_names_in_paths_get_400(make_agent: MakeAgent, path: str) -> None:
-    agent = make_agent()
+def test_unsafe_names_in_paths_get_400(shared_agent: AgentProcess, path: str) -> None:
+    agent = shared_agent
     reply = agent.request("POST", path, {"folder": "models"})
     assert reply.status == 400, (path, reply.body)
     assert reply.json()["error"] == "invalid_name"
 
 
 @pytest.mark.parametrize("folder", ["../etc", "/abs", "a/b", "a\\b", "..", "x\x00y", ""])
-def test_unsafe_folder_in_body_gets_400(make_agent: MakeAgent, folder: str) -> None:
-    agent = make_agent()
+def test_unsafe_folder_in_body_gets_400(shared_agent: AgentProcess, folder: str) -> None:
+    agent = shared_agent
     reply = agent.request("POST", "/load/model.bin", {"folder": folder})
     assert reply.status == 400
     assert reply.json()["error"] == "invalid_name"
 
 
-def test_errors_are_json(make_agent: MakeAgent) -> None:
-    agent = make_agent()
+def test_errors_are_json(shared_agent: AgentProcess) -> None:
+    agent = shared_agent
     cases = [
         (agent.request("GET", "/nope"), 404, "not_found"),
         (agent.request("DELETE", "/health"), 405, "method_not_allowed"),
@@ -130,8 +132,8 @@ def test_errors_are_json(make_agent: MakeAgent) -> None:
         assert "Traceback" not in body["message"]
 
 
-def test_missing_field_message_names_field_not_value(make_agent: MakeAgent) -> None:
-    agent = make_agent()
+def test_missing_field_message_names_field_not_value(shared_agent: AgentProcess) -> None:
+    agent = shared_agent
     reply = agent.request("POST", "/login", {"email": 5, "password": "s3cret-value"})
     assert reply.status == 400
     assert "email" in reply.json()["message"]
@@ -140,7 +142,7 @@ def test_missing_field_message_names_field_not_value(make_agent: MakeAgent) -> N
 
 def test_upload_over_the_limit_is_413(make_agent: MakeAgent) -> None:
     agent = make_agent(LOADER_MAX_UPLOAD_BYTES="1000")
-    body = b"--b\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\n" + b"x" * 2000
+    body = b'--b\r\nContent-Disposition: form-data; name="file"\r\n\r\n' + b"x" * 2000
     reply = agent.request(
         "POST",
         "/upload/model.bin?folder=models",
@@ -194,20 +196,31 @@ def test_socket_activation_with_inherited_sockets(agent_root: Path) -> None:
     port = tcp.getsockname()[1]
 
     def place_fds() -> None:
-        os.dup2(unix.fileno(), 3)
-        os.dup2(tcp.fileno(), 4)
+        # Copy out of the way first: the sockets may already sit on fds 3 and 4.
+        fds = [os.dup(unix.fileno()), os.dup(tcp.fileno())]
+        for target, fd in enumerate(fds, start=3):
+            os.dup2(fd, target)
 
     env.update(LISTEN_FDS="2", LISTEN_FDNAMES="loader.sock:http")
-    log = (agent_root / "activated.log").open("wb")
-    proc = subprocess.Popen(
-        ["sh", "-c", 'export LISTEN_PID=$$; exec "$@"', "sh", sys.executable, "-m", "agent", "serve"],
-        env=env,
-        cwd=REPO,
-        stdout=log,
-        stderr=log,
-        pass_fds=(unix.fileno(), tcp.fileno()),
-        preexec_fn=place_fds,
-    )
+    with (agent_root / "activated.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                "sh",
+                "-c",
+                'export LISTEN_PID=$$; exec "$@"',
+                "sh",
+                sys.executable,
+                "-m",
+                "agent",
+                "serve",
+            ],
+            env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=log,
+            pass_fds=(3, 4),  # placed there by place_fds; keep them open across exec
+            preexec_fn=place_fds,
+        )
     unix.close()
     tcp.close()
     try:
@@ -221,15 +234,14 @@ def test_socket_activation_with_inherited_sockets(agent_root: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
-        log.close()
     text = (agent_root / "activated.log").read_text()
     assert "(from systemd)" in text
     # systemd owns the socket file: the agent leaves it.
     assert path.exists()
 
 
-def test_cli_status_human_and_json(make_agent: MakeAgent) -> None:
-    agent = make_agent()
+def test_cli_status_human_and_json(shared_agent: AgentProcess) -> None:
+    agent = shared_agent
     human = agent.cli("status")
     assert human.returncode == 0, human.stderr
     assert "healthy" in human.stdout and "images:" in human.stdout
