@@ -61,7 +61,7 @@ def _patch(record: Record) -> None:
 
 def _journal_format(record: Record) -> str:
     priority = SYSLOG_PRIORITY.get(record["level"].name, 6)
-    return f"<{priority}>{{message}}\n{{exception}}"
+    return f"\\<{priority}>{{message}}\n{{exception}}"
 
 
 _CONSOLE_FORMAT = (

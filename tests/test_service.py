@@ -262,3 +262,16 @@ def test_cli_status_without_agent_is_one_clear_line(agent_root: Path) -> None:
     assert result.stderr.strip() == (
         f"azaion-loader: error: the agent is not running: no socket at {agent_root}/none.sock"
     )
+
+
+def test_journald_lines_carry_syslog_priority(make_agent: MakeAgent) -> None:
+    agent = make_agent(JOURNAL_STREAM="8:12345")
+    agent.request("GET", "/nope")  # a warning line
+    agent.stop()
+    lines = [line for line in agent.log().splitlines() if line]
+    assert lines
+    assert all(line[:3] in ("<7>", "<6>", "<5>", "<4>", "<3>", "<2>") for line in lines), lines
+    assert any(line.startswith("<4>") and "404" in line for line in lines) or any(
+        line.startswith("<6>") for line in lines
+    )
+    assert any(line.startswith("<6>") and "serving on" in line for line in lines)
