@@ -19,10 +19,21 @@ from urllib.parse import unquote, urlsplit
 
 from aiohttp import BodyPartReader, web
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from agent import __version__, errors
 from agent.logs import register_secret
+from agent.schemas import (
+    ErrorResponse,
+    HealthResponse,
+    LoadRequest,
+    LoginRequest,
+    LoginResponse,
+    StatusResponse,
+    UnlockRequest,
+    UnlockStatus,
+    UploadResponse,
+)
 from agent.settings import Settings
 
 if TYPE_CHECKING:
@@ -205,24 +216,6 @@ def validate_name(value: object, field: str) -> str:
 M = TypeVar("M", bound=BaseModel)
 
 
-class LoginRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_max_length=1024)
-    email: str
-    password: SecretStr
-
-
-class UnlockRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_max_length=1024)
-    email: str | None = None
-    password: SecretStr | None = None
-
-
-class LoadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_max_length=1024)
-    folder: str
-    filename: str | None = None
-
-
 async def read_model(request: web.Request, model: type[M]) -> M:
     """Parse and validate a JSON body; the message names the field, never echoes the value."""
     body = await request.read()  # bounded by the app's client_max_size (413 past it)
@@ -370,17 +363,59 @@ async def _limited(part: BodyPartReader, limit: int) -> AsyncIterator[bytes]:
         yield chunk
 
 
+async def openapi_document(request: web.Request) -> web.Response:
+    from agent.openapi import build_document
+
+    return web.json_response(build_document(ENDPOINTS))
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One route of the local API; the router and the OpenAPI document are both built from
+    this table, so they cannot disagree."""
+
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    request: type[BaseModel] | None = None
+    response: type[BaseModel] | None = None
+    ok_status: tuple[int, ...] = (200,)
+    errors: tuple[int, ...] = ()
+    binary_response: bool = False
+    multipart_request: bool = False
+
+
+# Every endpoint may also answer 403 (foreign Host/Origin), 400 (bad path) and 500.
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint("GET", "/health", health, "Liveness probe", response=HealthResponse),
+    Endpoint("GET", "/status", status, "Agent, credentials and unlock status",
+             response=StatusResponse),
+    Endpoint("POST", "/login", login, "Set credentials (checked against the Resource API)",
+             request=LoginRequest, response=LoginResponse, errors=(401, 413, 502, 504)),
+    Endpoint("POST", "/load/{filename}", load, "Fetch and decrypt a resource",
+             request=LoadRequest, binary_response=True,
+             errors=(401, 403, 404, 413, 502, 503, 504)),
+    Endpoint("POST", "/upload/{filename}", upload, "Encrypt, split and upload a resource",
+             response=UploadResponse, multipart_request=True,
+             errors=(401, 403, 409, 413, 502, 503, 504)),
+    Endpoint("POST", "/unlock", unlock, "Start the unlock of the Docker images",
+             request=UnlockRequest, response=UnlockStatus, ok_status=(200, 202),
+             errors=(404, 413)),
+    Endpoint("GET", "/unlock/status", unlock_status, "Progress of the unlock",
+             response=UnlockStatus),
+    Endpoint("GET", "/openapi.json", openapi_document, "This document (OpenAPI 3.1)"),
+)  # fmt: skip
+COMMON_ERRORS = (400, 403, 500)
+ERROR_SCHEMA = ErrorResponse
+
+
 def create_app(services: Services) -> web.Application:
     app = web.Application(
         middlewares=[error_middleware, local_only_middleware],
         client_max_size=services.settings.loader_max_json_bytes,
     )
     app[SERVICES] = services
-    app.router.add_get("/health", health)
-    app.router.add_get("/status", status)
-    app.router.add_post("/login", login)
-    app.router.add_post("/load/{filename}", load)
-    app.router.add_post("/upload/{filename}", upload)
-    app.router.add_post("/unlock", unlock)
-    app.router.add_get("/unlock/status", unlock_status)
+    for endpoint in ENDPOINTS:
+        app.router.add_route(endpoint.method, endpoint.path, endpoint.handler)
     return app
