@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from agent.defaults import DEFAULT_SOCKET_PATH
 from agent.errors import ConfigError
 
 MiB = 1024 * 1024
@@ -25,7 +26,7 @@ class Settings(BaseSettings):
     resource_api_url: str = "https://api.azaion.com"
     images_path: Path = Path("/opt/azaion/images.enc")
     api_version: str = "latest"
-    loader_socket_path: Path = Path("/run/azaion-loader/loader.sock")
+    loader_socket_path: Path = Path(DEFAULT_SOCKET_PATH)
     loader_http_host: str = "127.0.0.1"
     loader_http_port: int = Field(default=8765, ge=0, le=65535)
     loader_auto_unlock: bool = True

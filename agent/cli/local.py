@@ -15,7 +15,7 @@ from typing import Any
 from agent.cli.progress import Progress
 from agent.errors import LoaderError
 from agent.localclient import AgentClient
-from agent.settings import Settings
+from agent.defaults import DEFAULT_SOCKET_PATH
 
 UNLOCK_POLL_SECONDS = 0.5
 DONE_STATES = ("ready", "error")
@@ -55,9 +55,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _socket_options(p: argparse.ArgumentParser) -> None:
-    default = os.environ.get("LOADER_SOCKET_PATH") or str(
-        Settings.model_fields["loader_socket_path"].default
-    )
+    default = os.environ.get("LOADER_SOCKET_PATH") or DEFAULT_SOCKET_PATH
     p.add_argument("--socket", type=Path, default=Path(default), help=f"default: {default}")
     p.add_argument("--json", action="store_true", help="print JSON for machines")
 
