@@ -1,0 +1,79 @@
+"""Publisher-side subcommands: ``pack-images``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from agent import keys
+from agent.errors import ConflictError
+from agent.images import ImageEngine
+from agent.pack import pack_images
+
+MB = 1000 * 1000
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add this family's subcommands to the parser."""
+    parser = sub.add_parser(
+        "pack-images",
+        help="docker save images into an encrypted archive for devices",
+        description=(
+            "Stream `docker save IMAGE...` from the Docker engine (DOCKER_HOST) through the "
+            "encryptor into ARCHIVE; no plaintext tar is written. A new API-side key fragment "
+            "goes to --fragment-out (serve it from the Resource API's /binary-split/key-fragment; "
+            "dev-api takes it with --key-fragment)."
+        ),
+    )
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image reference (repo:tag)")
+    parser.add_argument("--out", required=True, type=Path, metavar="ARCHIVE")
+    parser.add_argument(
+        "--fragment-out", required=True, type=Path, metavar="FILE", help="API-side key fragment"
+    )
+    parser.add_argument(
+        "--device-fragment",
+        type=Path,
+        metavar="FILE",
+        help="device-side key fragment (used if FILE exists, else created); the device then "
+        "needs it as LOADER_DEVICE_FRAGMENT_PATH",
+    )
+    parser.add_argument(
+        "--no-api-tag",
+        dest="api_tag",
+        action="store_false",
+        help="do not ask devices to tag the images with their API_VERSION",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="overwrite an existing --fragment-out file"
+    )
+    parser.set_defaults(func=run_pack_images)
+
+
+def run_pack_images(args: argparse.Namespace) -> int:
+    if args.fragment_out.exists() and not args.force:
+        raise ConflictError(
+            f"key fragment file {args.fragment_out} already exists (use --force to replace it)"
+        )
+    api_fragment = keys.generate_fragment()
+    fragments = [api_fragment]
+    if args.device_fragment is not None:
+        fragments.append(_device_fragment(args.device_fragment))
+    with ImageEngine.connect() as engine:
+        result = pack_images(engine, args.images, args.out, fragments, api_tag=args.api_tag)
+    keys.write_fragment_file(args.fragment_out, api_fragment, force=args.force)
+    for image in result.manifest.images:
+        print(f"packed {image.ref} ({image.id[:19]})")
+    print(
+        f"wrote {args.out} ({result.archive_size / MB:.1f} MB, sha256 {result.archive_sha256}); "
+        f"API key fragment in {args.fragment_out}"
+    )
+    return 0
+
+
+def _device_fragment(path: Path) -> bytes:
+    if path.exists():
+        return keys.read_fragment_file(path)
+    fragment = keys.generate_fragment()
+    keys.write_fragment_file(path, fragment)
+    print(f"created device key fragment {path}")
+    return fragment
