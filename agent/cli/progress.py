@@ -33,10 +33,12 @@ class Progress:
                 self.stream.write(line)
                 self.stream.flush()
                 self._last_line = line
-        elif label != self.label or percent >= self._last_percent + 10:
+        elif label != self.label or (total and percent >= self._last_percent + 10):
             self.label = label
             self._last_percent = percent
-            self.stream.write(f"{label}: {percent:.0f}% ({done} bytes)\n")
+            self.stream.write(
+                f"{label}: {percent:.0f}% ({done} bytes)\n" if total else f"{label}\n"
+            )
             self.stream.flush()
 
     def message(self, text: str) -> None:

@@ -1,0 +1,133 @@
+"""The boot story end to end: the real agent process, a real dockerd, the real dev-api.
+
+``pack-images`` (CLI) makes the archive; ``serve`` unlocks it by itself at start with STATUS=
+following the stages; ``unlock --wait`` reports ready; a restart with the API down is ready from
+the state directory alone.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.agent import REPO, AgentProcess
+from tests.fixtures.devapi import DevApi
+from tests.fixtures.dockerd import Dockerd, import_image
+from tests.test_notify import NotifyListener
+
+MakeAgent = Callable[..., AgentProcess]
+pytestmark = pytest.mark.docker
+
+
+@pytest.fixture
+def packed_archive(dockerd: Dockerd, dev_api: DevApi, agent_root: Path) -> tuple[Path, str, str]:
+    ref = f"azaion/boot-{secrets.token_hex(4)}:1.0"
+    image_id = import_image(dockerd.client, ref)
+    archive = agent_root / "images.enc"
+    fragment_out = agent_root / "publisher-fragment.key"
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "agent", "pack-images",
+            "--out", str(archive), "--fragment-out", str(fragment_out), ref,
+        ],
+        env={"DOCKER_HOST": dockerd.host, "PATH": "/usr/bin:/bin"},
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    # The device gets the archive; the API gets the fragment; the engine forgets the image.
+    serve_fragment(dev_api, fragment_out)
+    dockerd.client.images.remove(image_id, force=True)
+    return archive, ref, image_id
+
+
+def serve_fragment(dev_api: DevApi, fragment: Path) -> None:
+    """Make dev-api serve ``fragment`` at /binary-split/key-fragment (it reads it at start)."""
+    shutil.copyfile(fragment, dev_api.key_fragment_path)
+    dev_api.restart()
+
+
+def test_boot_unlock_status_and_offline_restart(
+    make_agent: MakeAgent,
+    dockerd: Dockerd,
+    dev_api: DevApi,
+    packed_archive: tuple[Path, str, str],
+    agent_root: Path,
+) -> None:
+    archive, ref, image_id = packed_archive
+    notify = NotifyListener(agent_root / "notify.sock")
+    agent = make_agent(
+        start=False,
+        RESOURCE_API_URL=dev_api.url,
+        IMAGES_PATH=str(archive),
+        DOCKER_HOST=dockerd.host,
+        LOADER_AUTO_UNLOCK="true",
+        AZAION_EMAIL=dev_api.email,
+        AZAION_PASSWORD=dev_api.password,
+        NOTIFY_SOCKET=str(notify.path),
+    )
+    agent.start(wait=False)
+    statuses = []
+    while True:
+        message = notify.until("STATUS")
+        statuses.append(message["STATUS"])
+        if "ready" in message["STATUS"] or "error" in message["STATUS"]:
+            break
+    assert statuses[0].startswith("serving; ")
+    assert statuses[-1] == "serving; ready: 1 image loaded", statuses
+    assert image_id in dockerd.image_ids()
+    waited = agent.cli("unlock", "--wait")
+    assert waited.returncode == 0, waited.stderr
+    assert "ready" in waited.stdout
+    status = agent.cli("status")
+    assert "images:        ready" in status.stdout
+    assert dev_api.password not in agent.log()
+    assert agent.stop() == 0
+
+    # Next boot, no network: ready from the state directory, without the API.
+    dev_api.stop()
+    again = make_agent(start=False, **{**agent.env, "NOTIFY_SOCKET": ""})
+    again.start()
+    waited = again.cli("unlock", "--wait")
+    assert waited.returncode == 0, waited.stderr + again.log()
+    assert again.request("GET", "/unlock/status").json()["state"] == "ready"
+    notify.sock.close()
+
+
+def test_unlock_wait_reports_a_wrong_key_as_an_error(
+    make_agent: MakeAgent,
+    dockerd: Dockerd,
+    dev_api: DevApi,
+    packed_archive: tuple[Path, str, str],
+    agent_root: Path,
+) -> None:
+    archive, _, image_id = packed_archive
+    other = agent_root / "other.key"
+    subprocess.run(
+        [sys.executable, "-m", "agent", "keygen", "--out", str(other)], cwd=REPO, check=True
+    )
+    serve_fragment(dev_api, other)
+    agent = make_agent(
+        RESOURCE_API_URL=dev_api.url,
+        IMAGES_PATH=str(archive),
+        DOCKER_HOST=dockerd.host,
+    )
+    # The agent has no credentials yet: the CLI's environment does not give it any.
+    waited = agent.cli("unlock", "--wait", AZAION_PASSWORD=dev_api.password)
+    assert waited.returncode == 1
+    assert waited.stderr.splitlines()[-1].startswith(
+        "azaion-loader: error: unlock failed: no credentials"
+    ), waited.stderr
+    login = agent.cli("login", "--email", dev_api.email, AZAION_PASSWORD=dev_api.password)
+    assert login.returncode == 0, login.stderr
+    waited = agent.cli("unlock", "--wait")
+    assert waited.returncode == 1
+    assert waited.stderr.splitlines()[-1].startswith(
+        "azaion-loader: error: unlock failed: wrong key fragment"
+    ), waited.stderr
+    assert image_id not in dockerd.image_ids()
