@@ -16,9 +16,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import docker
-import requests
-
 from agent.errors import DockerError, DockerUnavailable, LoaderError, NotFoundError
 
 # One load of a large archive may keep a single request busy for minutes.
@@ -49,6 +46,8 @@ def parse_reference(ref: str) -> Reference:
 
 def _is_connection_failure(exc: BaseException) -> bool:
     """True when the engine could not be reached at all (as opposed to refusing a request)."""
+    import requests
+
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, requests.exceptions.ConnectionError | ConnectionError):
@@ -60,6 +59,9 @@ def _is_connection_failure(exc: BaseException) -> bool:
 @contextmanager
 def _translated(action: str) -> Iterator[None]:
     """Turn Docker SDK / requests errors raised while doing ``action`` into ours."""
+    import docker.errors  # the SDK costs ~0.5 s and ~15 MiB: imported when first used
+    import requests
+
     try:
         yield
     except LoaderError:
@@ -75,6 +77,8 @@ def _translated(action: str) -> Iterator[None]:
 
 
 def _explanation(exc: Exception) -> str:
+    import docker.errors
+
     if isinstance(exc, docker.errors.APIError) and exc.explanation:
         return str(exc.explanation)
     return str(exc) or type(exc).__name__
@@ -112,6 +116,8 @@ class ImageEngine:
 
         Raises ``DockerUnavailable`` while the engine is not up.
         """
+        import docker
+
         _probe_unix_socket(host or os.environ.get("DOCKER_HOST") or DEFAULT_UNIX_HOST)
         with _translated("connect to the Docker engine"):
             if host:
