@@ -1,0 +1,398 @@
+"""The package on a real systemd: install, boot, serve, stop, crash, watchdog, unlock, reboot.
+
+Each test boots a fresh bookworm container (systemd as PID 1) with the built .deb installed,
+and looks at it the way an operator would: ``systemctl``, ``journalctl``, the CLI, the socket.
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from agent.images import ImageEngine
+from agent.pack import pack_images
+from tests.fixtures.devapi import DevApi
+from tests.fixtures.dockerd import Dockerd, import_image
+from tests.system.machine import Machine, missing, require, wait_for
+
+pytestmark = pytest.mark.system
+
+AGENT = "azaion-loader.service"
+SOCKET = "azaion-loader.socket"
+SOCKET_PATH = "/run/azaion-loader/loader.sock"
+START_TIMEOUT = 30.0
+UNLOCK_TIMEOUT = 120.0
+# A stop is SIGTERM, STOPPING=1, responses finished, exit 0: well under the unit's 20 s.
+QUICK_STOP = 5.0
+MAX_EXPOSURE = 2.5
+# The unit's 30 s watchdog, shortened for the test by a drop-in.
+TEST_WATCHDOG = "2s"
+API_VERSION = "v-system"
+
+NewMachine = Callable[..., Machine]
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def show(machine: Machine, unit: str, *properties: str) -> dict[str, str]:
+    """``systemctl show`` as a dict of the asked properties."""
+    out = machine.run(["systemctl", "show", unit, *(f"--property={p}" for p in properties)])
+    return dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+
+
+def wait_running(machine: Machine, unit: str = AGENT, timeout: float = START_TIMEOUT) -> str:
+    """Wait for active (running); returns the main PID. A failed unit fails at once."""
+
+    def running() -> str | None:
+        state = show(machine, unit, "ActiveState", "SubState", "MainPID")
+        if state["ActiveState"] == "failed":
+            raise AssertionError(f"{unit} failed:\n{machine.journal(unit)}")
+        if (state["ActiveState"], state["SubState"]) == ("active", "running"):
+            return state["MainPID"]
+        return None
+
+    return wait_for(running, timeout, f"{unit} to be active (running)")
+
+
+def status_text(machine: Machine) -> str:
+    return show(machine, AGENT, "StatusText")["StatusText"]
+
+
+def use_port(machine: Machine, port: int) -> None:
+    """Move the socket unit's loopback port: the containers share the host's network, so the
+    default 8765 could clash with another test or agent. Also the documented way to change it."""
+    machine.write(
+        f"/etc/systemd/system/{SOCKET}.d/test-port.conf",
+        f"[Socket]\nListenStream=\nListenStream={SOCKET_PATH}\nListenStream=127.0.0.1:{port}\n",
+    )
+
+
+def agent_dropin(machine: Machine, name: str, text: str) -> None:
+    machine.write(f"/etc/systemd/system/{AGENT}.d/{name}.conf", text)
+
+
+def http_get(port: int, path: str) -> tuple[int, bytes]:
+    """A plain GET on loopback (http.client: no proxy from the environment in the way)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def boot_installed(new_machine: NewMachine) -> tuple[Machine, int]:
+    machine = new_machine()
+    port = free_port()
+    use_port(machine, port)
+    machine.boot()
+    return machine, port
+
+
+# -- the package ------------------------------------------------------------------------------
+
+
+def test_package_is_lintian_clean_of_errors(deb_package: Path) -> None:
+    require(missing("lintian"), "lintian")
+    result = subprocess.run(
+        ["lintian", "--fail-on", "error", "--no-tag-display-limit", str(deb_package)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    errors = [line for line in result.stdout.splitlines() if line.startswith("E:")]
+    assert errors == [], "\n".join(errors)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_package_bundles_a_venv_on_debians_python(deb_package: Path) -> None:
+    fields = subprocess.run(
+        ["dpkg-deb", "--field", str(deb_package), "Depends", "Version", "Architecture"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert re.search(r"^Depends: .*\bpython3\.11\b", fields, re.M), fields
+    contents = subprocess.run(
+        ["dpkg-deb", "--contents", str(deb_package)], capture_output=True, text=True, check=True
+    ).stdout
+    for path in (
+        "./opt/azaion-loader/bin/azaion-loader",
+        "./opt/azaion-loader/pyvenv.cfg",
+        "./usr/bin/azaion-loader -> /opt/azaion-loader/bin/azaion-loader",
+        "./lib/systemd/system/azaion-loader.service",
+        "./lib/systemd/system/azaion-loader.socket",
+        "./usr/lib/sysusers.d/azaion-loader.conf",
+        "./usr/lib/tmpfiles.d/azaion-loader.conf",
+        "./etc/azaion-loader/loader.env",
+    ):
+        assert path in contents, f"{path} is not in the package"
+    # Bytecode is compiled on the device (postinst), never shipped with build paths inside.
+    assert "__pycache__" not in contents
+    assert "./opt/azaion-loader/bin/pip" not in contents
+
+
+# -- install, boot, serve ---------------------------------------------------------------------
+
+
+def test_install_in_booted_machine_then_purge(new_machine: NewMachine, deb_package: Path) -> None:
+    machine = new_machine(installed=False)
+    use_port(machine, free_port())
+    machine.write("/root/azaion-loader.deb", deb_package.read_bytes())
+    machine.boot()
+
+    machine.run(["dpkg", "--install", "/root/azaion-loader.deb"])
+
+    # postinst: user in the docker group, units enabled and started by a running systemd.
+    groups = machine.run(["id", "--name", "--groups", "azaion-loader"]).stdout.split()
+    assert "docker" in groups
+    enabled = machine.run(["systemctl", "is-enabled", AGENT, SOCKET], check=False).stdout
+    assert enabled.split() == ["enabled", "enabled"]
+    assert machine.run(["test", "-d", "/var/lib/azaion-loader"], check=False).returncode == 0
+
+    # An upgrade (here: the same version again) restarts the agent; the socket stays up.
+    first = wait_running(machine)
+    machine.run(["dpkg", "--install", "/root/azaion-loader.deb"])
+    assert wait_running(machine) != first
+    assert show(machine, SOCKET, "ActiveState")["ActiveState"] == "active"
+
+    machine.run(["dpkg", "--purge", "azaion-loader"])
+
+    state = show(machine, AGENT, "ActiveState", "LoadState")
+    assert state == {"ActiveState": "inactive", "LoadState": "not-found"}
+    for gone in ("/var/lib/azaion-loader", "/var/cache/azaion-loader", "/opt/azaion-loader"):
+        assert machine.run(["test", "-e", gone], check=False).returncode != 0, f"{gone} stayed"
+    assert machine.run(["test", "-S", SOCKET_PATH], check=False).returncode != 0
+
+
+def test_units_verify_clean_and_exposure_is_low(new_machine: NewMachine) -> None:
+    machine, _ = boot_installed(new_machine)
+
+    verify = machine.run(["systemd-analyze", "verify", AGENT, SOCKET], check=False)
+    assert verify.stdout + verify.stderr == ""
+    assert verify.returncode == 0
+
+    security = machine.run(
+        [
+            "systemd-analyze",
+            "security",
+            "--offline=true",
+            "--no-pager",
+            f"/lib/systemd/system/{AGENT}",
+        ],
+        check=False,
+    ).stdout
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", security)
+    assert found, security
+    assert float(found.group(1)) <= MAX_EXPOSURE, security
+
+
+def test_boots_to_active_running_with_status(new_machine: NewMachine) -> None:
+    machine, port = boot_installed(new_machine)
+
+    pid = wait_running(machine)
+
+    assert status_text(machine).startswith("serving"), status_text(machine)
+    status = machine.run(["systemctl", "status", "--no-pager", "--lines=5", AGENT], check=False)
+    assert "Active: active (running)" in status.stdout, status.stdout
+    assert 'Status: "serving' in status.stdout, status.stdout
+    assert SOCKET in status.stdout  # TriggeredBy: the socket unit
+    # Not root: its own user, with the socket the units promise.
+    assert machine.run(["stat", "--format=%U", f"/proc/{pid}"]).stdout.strip() == "azaion-loader"
+    sock = machine.run(["stat", "--format=%a %U %G", SOCKET_PATH]).stdout.split()
+    assert sock == ["660", "azaion-loader", "azaion-loader"]
+    # Operators' and local apps' ways in: the CLI over the socket, HTTP on loopback.
+    cli = machine.run(["azaion-loader", "status"])
+    assert cli.stdout.startswith("azaion-loader "), cli.stdout
+    code, body = http_get(port, "/health")
+    assert code == 200, body
+
+
+def test_socket_activation_starts_the_agent(new_machine: NewMachine) -> None:
+    machine, port = boot_installed(new_machine)
+    wait_running(machine)
+    machine.run(["systemctl", "stop", AGENT])
+    assert show(machine, AGENT, "ActiveState")["ActiveState"] == "inactive"
+    assert show(machine, SOCKET, "ActiveState")["ActiveState"] == "active"
+
+    # A client connecting while the agent is down waits; systemd starts the agent for it.
+    code, _ = http_get(port, "/health")
+    cli = machine.run(["azaion-loader", "status"])
+
+    assert code == 200
+    assert cli.returncode == 0
+    wait_running(machine)
+
+
+def test_stop_is_clean_and_quick(new_machine: NewMachine) -> None:
+    machine, _ = boot_installed(new_machine)
+    wait_running(machine)
+
+    started = time.monotonic()
+    machine.run(["systemctl", "stop", AGENT])
+    took = time.monotonic() - started
+
+    assert took < QUICK_STOP, f"systemctl stop took {took:.1f} s"
+    result = show(machine, AGENT, "ActiveState", "Result", "ExecMainCode", "ExecMainStatus")
+    assert result == {
+        "ActiveState": "inactive",
+        "Result": "success",
+        "ExecMainCode": "1",  # CLD_EXITED: it exited by itself, was not killed
+        "ExecMainStatus": "0",
+    }
+    journal = machine.journal(AGENT)
+    assert re.search(r"azaion-loader\[\d+\]: stopped$", journal, re.M), journal
+    assert "SIGKILL" not in journal and "timed out" not in journal, journal
+
+
+def test_sigkill_is_restarted_by_systemd(new_machine: NewMachine) -> None:
+    machine, _ = boot_installed(new_machine)
+    first = wait_running(machine)
+
+    # From outside systemd, like a crash (minbase has no kill binary: the shell's builtin).
+    machine.run(["sh", "-c", f"kill -KILL {first}"])
+
+    def restarted() -> str | None:
+        pid = show(machine, AGENT, "MainPID")["MainPID"]
+        return pid if pid not in ("0", first) else None
+
+    wait_for(restarted, START_TIMEOUT, "systemd to restart the killed agent")
+    wait_running(machine)
+    assert int(show(machine, AGENT, "NRestarts")["NRestarts"]) >= 1
+    assert "status=9/KILL" in machine.journal(AGENT)
+
+
+def test_watchdog_restarts_a_blocked_event_loop(new_machine: NewMachine) -> None:
+    machine = new_machine()
+    use_port(machine, free_port())
+    # The agent's debug-only hook: SIGUSR2 blocks its event loop (no WATCHDOG=1 any more).
+    agent_dropin(
+        machine,
+        "watchdog-test",
+        f"[Service]\nEnvironment=LOADER_DEBUG_BLOCK_LOOP_ON_SIGUSR2=1\nWatchdogSec={TEST_WATCHDOG}\n",
+    )
+    machine.boot()
+    first = wait_running(machine)
+
+    machine.run(["systemctl", "kill", "--kill-who=main", "--signal=SIGUSR2", AGENT])
+
+    def watchdog_fired() -> bool:
+        return "Watchdog timeout" in machine.journal(AGENT)
+
+    wait_for(watchdog_fired, START_TIMEOUT, "systemd's watchdog to fire")
+    second = wait_running(machine)
+    assert second != first
+    assert int(show(machine, AGENT, "NRestarts")["NRestarts"]) >= 1
+
+
+def test_encrypted_credentials_reach_the_agent(new_machine: NewMachine, dev_api: DevApi) -> None:
+    """The TPM-bound way of operations.md, with the host key standing in for a TPM."""
+    machine, _ = boot_installed(new_machine)
+    machine.write("/etc/azaion-loader/loader.env", f"RESOURCE_API_URL={dev_api.url}\n")
+    for name, value in (("email", dev_api.email), ("password", dev_api.password)):
+        machine.run(
+            ["systemd-creds", "encrypt", f"--name={name}", "--with-key=host", "-", cred(name)],
+            input=value,
+        )
+    agent_dropin(
+        machine,
+        "credentials",
+        "[Service]\nLoadCredential=\n"
+        f"LoadCredentialEncrypted=email:{cred('email')}\n"
+        f"LoadCredentialEncrypted=password:{cred('password')}\n",
+    )
+    machine.run(["systemctl", "daemon-reload"])
+    machine.run(["systemctl", "restart", AGENT])
+    wait_running(machine)
+    machine.write("/root/model.bin", b"weights" * 1000)
+
+    # Uploading logs the agent in with what systemd decrypted for it.
+    machine.run(["azaion-loader", "upload", "/root/model.bin", "--folder", "models"])
+
+    status = machine.run(["azaion-loader", "status", "--json"]).stdout
+    assert '"authenticated": true' in status, status
+    assert dev_api.password not in machine.journal(AGENT)
+
+
+def cred(name: str) -> str:
+    return f"/etc/azaion-loader/credentials/{name}.cred"
+
+
+# -- the unlock at boot, and the offline reboot -----------------------------------------------
+
+
+def test_unlocks_at_boot_then_ready_offline_after_reboot(
+    new_machine: NewMachine, dockerd: Dockerd, dev_api: DevApi, tmp_path: Path
+) -> None:
+    ref = f"azaion/system-test-{int(time.time() * 1000) % 10**8}:1.0"
+    image_id = import_image(dockerd.client, ref)
+    archive = tmp_path / "images.enc"
+    with ImageEngine.connect(dockerd.host) as engine:
+        pack_images(engine, [ref], archive, [dev_api.key_fragment])
+    dockerd.client.images.remove(image_id, force=True)
+    assert image_id not in dockerd.image_ids()
+
+    machine = new_machine()
+    use_port(machine, free_port())
+    machine.write("/opt/azaion/images.enc", archive.read_bytes())
+    machine.write("/etc/azaion-loader/credentials/email", dev_api.email, mode=0o600)
+    machine.write("/etc/azaion-loader/credentials/password", dev_api.password, mode=0o600)
+    machine.write(
+        "/etc/azaion-loader/loader.env",
+        f"RESOURCE_API_URL={dev_api.url}\nAPI_VERSION={API_VERSION}\n",
+    )
+    # The test's own engine stands in for the device's: its socket, owned by the machine's
+    # docker group (as docker.io would make it), at Docker's default path.
+    dockerd_socket = dockerd.daemon.socket_path
+    shutil.chown(dockerd_socket, group=group_id(machine, "docker"))
+    machine.bind(dockerd_socket, "/run/docker.sock")
+
+    machine.boot()
+    wait_running(machine)
+
+    def ready() -> bool:
+        text = status_text(machine)
+        if "error" in text:
+            raise AssertionError(f"unlock failed: {text}\n{machine.journal(AGENT)}")
+        return "ready" in text
+
+    wait_for(ready, UNLOCK_TIMEOUT, "the unlock at boot")
+    assert image_id in dockerd.image_ids()
+    assert str(dockerd.client.images.get(f"{ref.split(':')[0]}:{API_VERSION}").id) == image_id
+    status = machine.run(["systemctl", "status", "--no-pager", AGENT], check=False).stdout
+    assert "ready: 1 image loaded" in status, status
+    cli = machine.run(["azaion-loader", "status"]).stdout
+    assert "ready" in cli, cli
+
+    # What lets it come back offline: the record of the loaded images, in its state directory.
+    machine.run(["test", "-s", "/var/lib/azaion-loader/unlock.json"])
+    dev_api.stop()
+    machine.reboot()
+
+    wait_running(machine)
+    wait_for(ready, START_TIMEOUT, "ready again from the state, offline")
+    assert "ready: 1 image loaded" in status_text(machine)
+
+
+def group_id(machine: Machine, name: str) -> int:
+    for line in (machine.root / "etc/group").read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == name:
+            return int(fields[2])
+    raise AssertionError(f"no group {name} in the machine")
