@@ -1,0 +1,615 @@
+"""The agent's client of the Resource API and the CDN (contract: docs/resource-api.md).
+
+One ``aiohttp.ClientSession`` per agent. The client logs in with credentials it keeps in memory
+only, re-logs in once when a token is refused, and retries what waiting can fix (connection
+errors, timeouts, 5xx, 429 with ``Retry-After``) through ``agent.retry``; every attempt has its
+own timeout. Foreign errors (aiohttp, OS) are translated here, in ``translate_error``, into the
+``agent.errors`` classes, with messages that name the upstream ("Resource API", "CDN") and never
+the token or the password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hashlib
+import json
+import random
+import ssl
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import aiohttp
+from loguru import logger
+from yarl import URL
+
+from agent import keys
+from agent.errors import (
+    BadCredentials,
+    ConfigError,
+    ConflictError,
+    LoaderError,
+    NotAuthenticated,
+    PayloadTooLarge,
+    UpstreamError,
+    UpstreamForbidden,
+    UpstreamNotFound,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from agent.logs import register_secret
+from agent.retry import RetryPolicy, Sleep, retry_call
+
+T = TypeVar("T")
+
+RESOURCE_API = "Resource API"
+CDN = "CDN"
+CHUNK = 256 * 1024
+MAX_SMALL_PART_BYTES = 4 * 1024 * 1024  # the API stores at most 1 MiB; anything far above is junk
+MAX_JSON_BYTES = 64 * 1024
+TOKEN_EARLY_RENEWAL = 30.0  # seconds before expiry a token is treated as expired (at most)
+_SERVER_MESSAGE_LENGTH = 200
+
+
+class UpstreamThrottled(UpstreamUnavailable):
+    """429 (or a 5xx) that came with ``Retry-After``: ``agent.retry`` waits at least that long."""
+
+    def __init__(self, message: str, retry_after: float | None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BodyInterrupted(UpstreamUnavailable):
+    """A big part's body broke off after the CDN had started sending it: resume with a range."""
+
+
+class RangeNotSatisfiable(UpstreamError):
+    """416: the CDN's part is not longer than the offset asked for."""
+
+
+@dataclass(frozen=True)
+class StoredPart:
+    """What the server says it stored."""
+
+    size: int
+    sha256: str | None
+
+
+@dataclass
+class _Token:
+    value: str = field(repr=False)
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One logical request: what it is (for messages) and how to send it again on a retry."""
+
+    upstream: str
+    what: str
+    method: str
+    url: URL
+    authed: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+    body: Callable[[], Any] | None = None
+    streaming: bool = False
+    login: bool = False
+
+
+class ResourceApiClient:
+    """Async client of the Resource API and its CDN; see the module docstring."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        policy: RetryPolicy | None = None,
+        session: aiohttp.ClientSession | None = None,
+        request_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+        sleep: Sleep = asyncio.sleep,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        try:
+            self._base = URL(base_url.rstrip("/"))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError("the Resource API URL is not a valid URL") from exc
+        if self._base.scheme not in ("http", "https") or not self._base.host:
+            raise ConfigError("the Resource API URL must be an http:// or https:// URL")
+        self._policy = policy or RetryPolicy()
+        self._session = session
+        self._owns_session = session is None
+        self._small_timeout = aiohttp.ClientTimeout(
+            total=request_timeout, sock_connect=connect_timeout
+        )
+        self._big_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout, sock_read=read_timeout
+        )
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._credentials: tuple[str, str] | None = None
+        self._token: _Token | None = None
+        self._cdn_url: URL | None = None
+        self._login_lock = asyncio.Lock()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> ResourceApiClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+        self._session = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(raise_for_status=False)
+            self._owns_session = True
+        return self._session
+
+    # -- credentials and login ---------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        return str(self._base)
+
+    @property
+    def policy(self) -> RetryPolicy:
+        return self._policy
+
+    @property
+    def has_credentials(self) -> bool:
+        return self._credentials is not None
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether the client holds a token that has not expired (by its own clock)."""
+        return self._token is not None and self._clock() < self._token.expires_at
+
+    def set_credentials(self, email: str, password: str) -> None:
+        """Keep credentials (in memory only) for the next login; drops the current token."""
+        register_secret(password)
+        self._credentials = (email, password)
+        self._token = None
+
+    async def login(self, email: str | None = None, password: str | None = None) -> None:
+        """Log in, retrying transient failures. With arguments, they are kept only if accepted
+        (``BadCredentials`` otherwise); without, the stored ones are used."""
+        if email is None and password is None:
+            credentials = self._stored_credentials()
+        elif email is not None and password is not None:
+            register_secret(password)
+            credentials = (email, password)
+        else:
+            raise NotAuthenticated("give both email and password to log in")
+        token = await self._retrying(lambda: self._login_once(credentials), RESOURCE_API)
+        self._credentials = credentials
+        self._token = token
+
+    def _stored_credentials(self) -> tuple[str, str]:
+        if self._credentials is None:
+            raise NotAuthenticated("no credentials for the Resource API: log in first")
+        return self._credentials
+
+    async def _login_once(self, credentials: tuple[str, str]) -> _Token:
+        email, password = credentials
+        call = _Call(
+            RESOURCE_API,
+            "login",
+            "POST",
+            self._base / "login",
+            body=lambda: json.dumps({"email": email, "password": password}).encode(),
+            headers={"Content-Type": "application/json"},
+            login=True,
+        )
+        answer = await self._attempt(call, _read_json)
+        return self._accept_login(answer)
+
+    def _accept_login(self, answer: Any) -> _Token:
+        try:
+            token, lifetime = answer["token"], float(answer["expires_in"])
+            cdn_url = answer.get("cdn_url")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise UpstreamError("the Resource API sent a login answer without a token") from exc
+        if not (isinstance(token, str) and token and lifetime > 0):
+            raise UpstreamError("the Resource API sent a login answer without a usable token")
+        if not isinstance(cdn_url, str) or not cdn_url:
+            raise UpstreamError("the Resource API's login answer does not name the CDN")
+        register_secret(token)
+        self._cdn_url = self._base.join(URL(cdn_url.rstrip("/")))
+        early = min(TOKEN_EARLY_RENEWAL, lifetime / 10)
+        return _Token(token, self._clock() + lifetime - early)
+
+    async def _valid_token(self) -> _Token:
+        """The current token, logging in once (no retry: the caller's attempt is retried)."""
+        async with self._login_lock:
+            if self._token is None or self._clock() >= self._token.expires_at:
+                self._token = await self._login_once(self._stored_credentials())
+            return self._token
+
+    async def _cdn_base(self) -> URL:
+        if self._cdn_url is None:
+            await self._retrying(self._valid_token, RESOURCE_API)
+        assert self._cdn_url is not None
+        return self._cdn_url
+
+    # -- the Resource API --------------------------------------------------------------------
+
+    async def get_key_fragment(self) -> bytes:
+        """The images key fragment from ``/binary-split/key-fragment``."""
+        call = _Call(
+            RESOURCE_API,
+            "images key fragment",
+            "GET",
+            self._base / "binary-split" / "key-fragment",
+            authed=True,
+        )
+        raw = await self._exchange(
+            call, lambda c, r: _read_limited(c, r, keys.MAX_FRAGMENT_FILE_SIZE)
+        )
+        try:
+            text = raw.decode("ascii")
+            register_secret(text.strip())
+            return keys.decode_fragment(text)
+        except (UnicodeDecodeError, ConfigError) as exc:
+            raise UpstreamError("the Resource API sent a key fragment that is not valid") from exc
+
+    async def get_small_part(self, folder: str, name: str) -> bytes:
+        call = _Call(
+            RESOURCE_API,
+            f"small part {folder}/{name}",
+            "GET",
+            self._base / "resources" / folder / name,
+            authed=True,
+        )
+        return await self._exchange(call, lambda c, r: _read_limited(c, r, MAX_SMALL_PART_BYTES))
+
+    async def put_small_part(self, folder: str, name: str, data: bytes) -> StoredPart:
+        call = _Call(
+            RESOURCE_API,
+            f"small part {folder}/{name}",
+            "PUT",
+            self._base / "resources" / folder / name,
+            authed=True,
+            headers={"Content-Type": "application/octet-stream"},
+            body=lambda: data,
+        )
+        stored = await self._exchange(call, _read_stored_part)
+        _check_stored(call, stored, len(data), hashlib.sha256(data).hexdigest())
+        return stored
+
+    # -- the CDN -----------------------------------------------------------------------------
+
+    async def iter_big_part(
+        self, folder: str, name: str, *, offset: int = 0
+    ) -> AsyncIterator[bytes]:
+        """The big part's bytes from ``offset`` on (HTTP Range). Opening is retried; a break
+        mid-body raises ``BodyInterrupted`` so the caller resumes from what it has."""
+        if offset < 0:
+            raise ValueError("offset cannot be negative")
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        call = _Call(
+            CDN,
+            f"big part {folder}/{name}",
+            "GET",
+            await self._cdn_base() / folder / name,
+            headers=headers,
+            streaming=True,
+        )
+        response = await self._retrying(lambda: self._attempt(call, _keep_open), CDN)
+        try:
+            skip = _bytes_to_skip(call, response, offset)
+            async for chunk in self._guarded_chunks(call, response):
+                if skip:
+                    dropped = min(skip, len(chunk))
+                    skip -= dropped
+                    chunk = chunk[dropped:]
+                if chunk:
+                    yield chunk
+        finally:
+            response.close()
+
+    async def _guarded_chunks(
+        self, call: _Call, response: aiohttp.ClientResponse
+    ) -> AsyncIterator[bytes]:
+        iterator = response.content.iter_chunked(CHUNK).__aiter__()
+        while True:
+            try:
+                chunk = await iterator.__anext__()
+            except StopAsyncIteration:
+                return
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                error = translate_error(exc, call)
+                if isinstance(error, UpstreamUnavailable | UpstreamTimeout):
+                    raise BodyInterrupted(f"{error} (the download can resume)") from exc
+                raise error from exc
+            yield chunk
+
+    async def put_big_part(
+        self,
+        folder: str,
+        name: str,
+        body: AsyncIterable[bytes] | Path,
+        size: int,
+        *,
+        sha256: str | None = None,
+    ) -> StoredPart:
+        """Store a big part of ``size`` bytes. A file is re-read on a retry; an async iterable
+        can be sent only once, so it gets a single attempt."""
+        url = await self._cdn_base() / folder / name
+        sent: list[bool] = []
+
+        def make_body() -> AsyncIterable[bytes]:
+            if isinstance(body, Path):
+                return _file_chunks(body)
+            if sent:
+                raise UpstreamUnavailable("the CDN upload failed and its body cannot be sent again")
+            sent.append(True)
+            return body
+
+        call = _Call(
+            CDN,
+            f"big part {folder}/{name}",
+            "PUT",
+            url,
+            authed=True,
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+            body=make_body,
+            streaming=True,
+        )
+        once = None if isinstance(body, Path) else replace(self._policy, max_attempts=1)
+        stored = await self._exchange(call, _read_stored_part, policy=once)
+        _check_stored(call, stored, size, sha256)
+        return stored
+
+    # -- the request machinery ---------------------------------------------------------------
+
+    async def _exchange(
+        self,
+        call: _Call,
+        read: Callable[[_Call, aiohttp.ClientResponse], Awaitable[T]],
+        *,
+        policy: RetryPolicy | None = None,
+    ) -> T:
+        """Send ``call`` and ``read`` its answer, retrying both as one unit."""
+        return await self._retrying(lambda: self._attempt(call, read), call.upstream, policy)
+
+    async def _retrying(
+        self,
+        attempt: Callable[[], Awaitable[T]],
+        upstream: str,
+        policy: RetryPolicy | None = None,
+    ) -> T:
+        def log_retry(number: int, delay: float, exc: BaseException) -> None:
+            logger.warning(
+                "{} attempt {} failed: {}; retrying in {:.1f} s", upstream, number, exc, delay
+            )
+
+        return await retry_call(
+            attempt,
+            policy or self._policy,
+            on_retry=log_retry,
+            rng=self._rng,
+            sleep=self._sleep,
+            clock=self._clock,
+        )
+
+    async def _attempt(
+        self, call: _Call, read: Callable[[_Call, aiohttp.ClientResponse], Awaitable[T]]
+    ) -> T:
+        """One attempt: send, log in again once on 401, check the status, read the answer."""
+        relogged = False
+        while True:
+            headers = dict(call.headers)
+            token = await self._valid_token() if call.authed else None
+            if token is not None:
+                headers["Authorization"] = f"Bearer {token.value}"
+            try:
+                response = await self._http().request(
+                    call.method,
+                    call.url,
+                    headers=headers,
+                    data=call.body() if call.body is not None else None,
+                    timeout=self._big_timeout if call.streaming else self._small_timeout,
+                    allow_redirects=not call.authed,  # never carry the token elsewhere
+                )
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                raise translate_error(exc, call) from exc
+            keep_open = False
+            try:
+                if response.status == 401 and token is not None and not relogged:
+                    relogged = True
+                    if self._token is token:  # unless a concurrent request renewed it already
+                        self._token = None
+                    continue
+                await _raise_for_status(call, response, relogged=relogged)
+                result = await read(call, response)
+                keep_open = result is response
+                return result
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                raise translate_error(exc, call) from exc
+            finally:
+                if not keep_open:
+                    response.release()
+
+
+# -- reading answers ---------------------------------------------------------------------------
+
+
+async def _keep_open(call: _Call, response: aiohttp.ClientResponse) -> aiohttp.ClientResponse:
+    return response
+
+
+async def _read_limited(call: _Call, response: aiohttp.ClientResponse, limit: int) -> bytes:
+    if response.content_length is not None and response.content_length > limit:
+        raise UpstreamError(f"the {call.upstream} sent more than the {limit} bytes expected")
+    data = bytearray()
+    async for chunk in response.content.iter_chunked(CHUNK):
+        data += chunk
+        if len(data) > limit:
+            raise UpstreamError(f"the {call.upstream} sent more than the {limit} bytes expected")
+    return bytes(data)
+
+
+async def _read_json(call: _Call, response: aiohttp.ClientResponse) -> Any:
+    raw = await _read_limited(call, response, MAX_JSON_BYTES)
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise UpstreamError(
+            f"the {call.upstream} sent an answer that is not JSON ({call.what})"
+        ) from exc
+
+
+async def _read_stored_part(call: _Call, response: aiohttp.ClientResponse) -> StoredPart:
+    answer = await _read_json(call, response)
+    size = answer.get("size") if isinstance(answer, dict) else None
+    digest = answer.get("sha256") if isinstance(answer, dict) else None
+    return StoredPart(
+        size=size if isinstance(size, int) else -1,
+        sha256=digest if isinstance(digest, str) else None,
+    )
+
+
+def _check_stored(call: _Call, stored: StoredPart, size: int, sha256: str | None) -> None:
+    """The server's receipt, when it gives one, must match what was sent."""
+    if stored.size not in (-1, size) or (sha256 and stored.sha256 and stored.sha256 != sha256):
+        raise UpstreamError(
+            f"the {call.upstream} stored something other than what was sent ({call.what})"
+        )
+
+
+async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
+    with path.open("rb") as file:
+        while chunk := await asyncio.to_thread(file.read, CHUNK):
+            yield chunk
+
+
+def _bytes_to_skip(call: _Call, response: aiohttp.ClientResponse, offset: int) -> int:
+    """How much of the body precedes ``offset``: all of it if the server ignored Range."""
+    if response.status == 200:
+        return offset
+    content_range = response.headers.get("Content-Range", "")
+    start = content_range.removeprefix("bytes ").partition("-")[0]
+    if response.status != 206 or not start.isdigit() or int(start) != offset:
+        raise UpstreamError(f"the {call.upstream} answered a ranged request wrongly ({call.what})")
+    return 0
+
+
+# -- statuses and foreign errors ---------------------------------------------------------------
+
+
+async def _raise_for_status(
+    call: _Call, response: aiohttp.ClientResponse, *, relogged: bool
+) -> None:
+    status = response.status
+    if 200 <= status < 300:
+        return
+    detail = await _server_message(call, response)
+    raise status_error(call, status, response.headers.get("Retry-After"), relogged, detail)
+
+
+def status_error(
+    call: _Call, status: int, retry_after: str | None, relogged: bool, detail: str
+) -> LoaderError:
+    """The agent's error for an upstream's HTTP error status (docs/resource-api.md)."""
+    where = f"the {call.upstream}"
+    suffix = f" ({call.what}){detail}"
+    if call.login and status in (401, 403):
+        return BadCredentials(f"{where} refused the email or password (HTTP {status})")
+    if status == 401:
+        if relogged:
+            return UpstreamError(f"{where} refused a token it had just issued{suffix}")
+        return UpstreamError(f"{where} asks for a login where the contract has none{suffix}")
+    if status == 403:
+        return UpstreamForbidden(f"{where} does not allow this account access{suffix}")
+    if status == 404:
+        return UpstreamNotFound(f"{where} has no {call.what}")
+    if status == 409:
+        return ConflictError(f"{where} reports a conflicting upload in progress{suffix}")
+    if status == 413:
+        return PayloadTooLarge(f"{where} refused the upload as too large{suffix}")
+    if status == 416:
+        return RangeNotSatisfiable(f"{where} cannot resume: the part is shorter{suffix}")
+    if status == 504:
+        return UpstreamTimeout(f"{where} timed out upstream (HTTP 504){suffix}")
+    if status == 429 or status >= 500:
+        return UpstreamThrottled(
+            f"{where} is unavailable (HTTP {status}){suffix}", parse_retry_after(retry_after)
+        )
+    return UpstreamError(f"{where} answered HTTP {status}{suffix}")
+
+
+async def _server_message(call: _Call, response: aiohttp.ClientResponse) -> str:
+    """The ``message`` of a JSON error body, shortened; empty if there is none."""
+    try:
+        answer = json.loads(await _read_limited(call, response, MAX_JSON_BYTES))
+        message = answer["message"]
+    except (LoaderError, aiohttp.ClientError, ValueError, KeyError, TypeError, OSError):
+        return ""  # includes TimeoutError: the status says enough
+    if not isinstance(message, str):
+        return ""
+    printable = "".join(c for c in message if c.isprintable())[:_SERVER_MESSAGE_LENGTH]
+    return f": {printable}" if printable else ""
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def translate_error(exc: BaseException, call: _Call) -> LoaderError:
+    """The one place where aiohttp and OS errors become the agent's errors."""
+    if isinstance(exc, LoaderError):
+        return exc
+    where = f"the {call.upstream}"
+    if isinstance(exc, aiohttp.InvalidURL):
+        return ConfigError(f"the URL of {where} is not valid")
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ServerFingerprintMismatch):
+        return UpstreamError(f"{where}'s TLS certificate was refused ({call.what})")
+    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+        return UpstreamError(f"TLS with {where} failed ({call.what})")
+    if isinstance(exc, asyncio.TimeoutError):
+        return UpstreamTimeout(f"{where} did not answer in time ({call.what})")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        reason = exc.os_error.strerror or type(exc.os_error).__name__
+        return UpstreamUnavailable(f"cannot reach {where} at {exc.host}:{exc.port}: {reason}")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return UpstreamUnavailable(f"{where} cut the answer short ({call.what})")
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientConnectionError | OSError):
+        return UpstreamUnavailable(f"{where} closed the connection ({call.what})")
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return UpstreamError(f"{where} sent an answer the agent cannot read ({call.what})")
+    return UpstreamError(f"talking to {where} failed ({call.what}): {type(exc).__name__}")

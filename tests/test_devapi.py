@@ -1,0 +1,370 @@
+"""dev-api, the reference Resource API + CDN, over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from agent import keys
+from tests.fixtures.devapi import REPO_ROOT, DevApi
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def login(http: aiohttp.ClientSession, api: DevApi) -> dict[str, Any]:
+    async with http.post(
+        f"{api.url}/login", json={"email": api.email, "password": api.password}
+    ) as response:
+        assert response.status == 200
+        answer: dict[str, Any] = await response.json()
+        return answer
+
+
+async def bearer(http: aiohttp.ClientSession, api: DevApi) -> dict[str, str]:
+    return {"Authorization": f"Bearer {(await login(http, api))['token']}"}
+
+
+async def test_login_gives_a_token_with_expiry_and_names_the_cdn(
+    http: aiohttp.ClientSession, shared_dev_api: DevApi
+) -> None:
+    answer = await login(http, shared_dev_api)
+    assert answer["token"] and answer["token_type"] == "Bearer"
+    assert answer["expires_in"] > 0
+    assert answer["cdn_url"] == f"{shared_dev_api.url}/cdn"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"email": "nobody@example.test", "password": "x"}, {"email": "", "password": ""}],
+)
+async def test_wrong_credentials_are_refused_with_401(
+    http: aiohttp.ClientSession, shared_dev_api: DevApi, body: dict[str, str]
+) -> None:
+    async with http.post(f"{shared_dev_api.url}/login", json=body) as response:
+        assert response.status == 401
+        assert (await response.json())["error"] == "bad_credentials"
+
+
+async def test_wrong_password_of_a_known_user_is_refused(
+    http: aiohttp.ClientSession, shared_dev_api: DevApi
+) -> None:
+    body = {"email": shared_dev_api.email, "password": shared_dev_api.password + "x"}
+    async with http.post(f"{shared_dev_api.url}/login", json=body) as response:
+        assert response.status == 401
+
+
+async def test_malformed_login_is_400(http: aiohttp.ClientSession, shared_dev_api: DevApi) -> None:
+    async with http.post(f"{shared_dev_api.url}/login", data=b"{not json") as response:
+        assert response.status == 400
+
+
+async def test_every_answer_says_not_for_production(
+    http: aiohttp.ClientSession, shared_dev_api: DevApi
+) -> None:
+    for path in ("/health", "/resources/a/b", "/no/such/route"):
+        async with http.get(shared_dev_api.url + path) as response:
+            assert "NOT FOR PRODUCTION" in response.headers["Server"]
+            assert response.headers["X-Not-For-Production"] == "1"
+    assert "NOT FOR PRODUCTION" in shared_dev_api.log_path.read_text()
+
+
+async def test_small_part_round_trip_needs_a_token(
+    http: aiohttp.ClientSession, shared_dev_api: DevApi, resource_folder: str
+) -> None:
+    url = f"{shared_dev_api.url}/resources/{resource_folder}/model.bin"
+    async with http.put(url, data=b"small") as response:
+        assert response.status == 401
+    auth = await bearer(http, shared_dev_api)
+    async with http.put(url, data=b"small", headers=auth) as response:
+        assert response.status == 201
+        receipt = await response.json()
+    assert receipt == {"status": "ok", "size": 5, "sha256": hashlib.sha256(b"small").hexdigest()}
+    async with http.get(url) as response:
+        assert response.status == 401
+    async with http.get(url, headers=auth) as response:
+        assert response.status == 200
+        assert await response.read() == b"small"
+    stored = shared_dev_api.data_dir / "small" / resource_folder / "model.bin"
+    assert stored.read_bytes() == b"small"
+
+
+async def test_missing_small_part_is_404(
+    http: aiohttp.ClientSession, shared_dev_api: DevApi, resource_folder: str
+) -> None:
+    auth = await bearer(http, shared_dev_api)
+    url = f"{shared_dev_api.url}/resources/{resource_folder}/absent"
+    async with http.get(url, headers=auth) as response:
+        assert response.status == 404
+
+
+async def test_key_fragment_is_served_in_text_form_to_a_logged_in_client(
+    http: aiohttp.ClientSession, shared_dev_api: DevApi
+) -> None:
+    url = f"{shared_dev_api.url}/binary-split/key-fragment"
+    async with http.get(url) as response:
+        assert response.status == 401
+    async with http.get(url, headers=await bearer(http, shared_dev_api)) as response:
+        assert response.status == 200
+        assert keys.decode_fragment(await response.text()) == shared_dev_api.key_fragment
+
+
+async def test_cdn_upload_needs_a_token_and_download_is_public_with_ranges(
+    http: aiohttp.ClientSession, shared_dev_api: DevApi, resource_folder: str
+) -> None:
+    url = f"{shared_dev_api.url}/cdn/{resource_folder}/big"
+    body = bytes(range(256)) * 1000
+    async with http.put(url, data=body) as response:
+        assert response.status == 401
+    async with http.put(url, data=body, headers=await bearer(http, shared_dev_api)) as response:
+        assert response.status == 201
+    async with http.get(url) as response:
+        assert response.status == 200
+        assert await response.read() == body
+    async with http.get(url, headers={"Range": "bytes=1000-"}) as response:
+        assert response.status == 206
+        assert response.headers["Content-Range"] == f"bytes 1000-{len(body) - 1}/{len(body)}"
+        assert await response.read() == body[1000:]
+    async with http.get(url, headers={"Range": "bytes=10-19"}) as response:
+        assert response.status == 206
+        assert await response.read() == body[10:20]
+    async with http.get(url, headers={"Range": f"bytes={len(body)}-"}) as response:
+        assert response.status == 416
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/cdn/%2e%2e/escape",
+        "/cdn/folder/%2e%2e",
+        "/cdn/folder/.hidden",
+        "/cdn/folder/a..b",
+        "/cdn/folder/sp%20ace",
+        "/cdn/fol%5cder/name",
+        "/resources/folder/%00",
+        "/resources/%2e%2e/x",
+    ],
+)
+async def test_unsafe_names_are_refused_with_400_and_nothing_is_written(
+    http: aiohttp.ClientSession, shared_dev_api: DevApi, path: str
+) -> None:
+    before = sorted(shared_dev_api.data_dir.rglob("*"))
+    auth = await bearer(http, shared_dev_api)
+    async with http.put(
+        URL(shared_dev_api.url + path, encoded=True), data=b"x", headers=auth
+    ) as response:
+        assert response.status == 400
+        assert (await response.json())["error"] == "invalid_name"
+    assert sorted(shared_dev_api.data_dir.rglob("*")) == before
+
+
+async def test_size_limits_give_413(
+    http: aiohttp.ClientSession, start_dev_api: Callable[..., DevApi]
+) -> None:
+    api = start_dev_api("--max-small-bytes", "10", "--max-big-bytes", "20")
+    auth = await bearer(http, api)
+    async with http.put(f"{api.url}/resources/f/n", data=b"x" * 11, headers=auth) as response:
+        assert response.status == 413
+    async with http.put(f"{api.url}/cdn/f/n", data=b"x" * 21, headers=auth) as response:
+        assert response.status == 413
+    async with http.put(f"{api.url}/cdn/f/n", data=b"x" * 20, headers=auth) as response:
+        assert response.status == 201
+    assert not (api.data_dir / "small" / "f" / "n").exists()
+
+
+async def send_partial_put(
+    api: DevApi, path: str, token: str, *, declared: int, sent: bytes
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open a PUT that announces ``declared`` bytes and sends only ``sent``."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", api.port)
+    head = (
+        f"PUT {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Length: {declared}\r\n\r\n"
+    )
+    writer.write(head.encode() + sent)
+    await writer.drain()
+    return reader, writer
+
+
+async def poll(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_concurrent_upload_of_one_part_is_409_and_an_aborted_one_leaves_nothing(
+    http: aiohttp.ClientSession, shared_dev_api: DevApi, resource_folder: str
+) -> None:
+    token = (await login(http, shared_dev_api))["token"]
+    path = f"/cdn/{resource_folder}/big"
+    part_dir = shared_dev_api.data_dir / "cdn" / resource_folder
+    _, writer = await send_partial_put(shared_dev_api, path, token, declared=1000, sent=b"a" * 10)
+    await poll(lambda: part_dir.is_dir() and any(part_dir.iterdir()))  # the temp file exists
+    async with http.put(
+        shared_dev_api.url + path, data=b"b" * 5, headers={"Authorization": f"Bearer {token}"}
+    ) as response:
+        assert response.status == 409
+    writer.close()
+    await writer.wait_closed()
+    await poll(lambda: not any(part_dir.iterdir()))  # the temp file is gone, nothing in place
+    async with http.get(shared_dev_api.url + path) as response:
+        assert response.status == 404
+
+
+async def test_restart_on_the_same_port_keeps_the_data(
+    http: aiohttp.ClientSession, dev_api: DevApi
+) -> None:
+    async with http.put(
+        f"{dev_api.url}/cdn/f/n", data=b"kept", headers=await bearer(http, dev_api)
+    ) as response:
+        assert response.status == 201
+    port = dev_api.port
+    dev_api.stop()
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with http.get(f"{dev_api.url}/cdn/f/n"):
+            pass
+    dev_api.start()
+    assert dev_api.port == port
+    async with http.get(f"{dev_api.url}/cdn/f/n") as response:
+        assert await response.read() == b"kept"
+
+
+# -- fault injection -----------------------------------------------------------------------------
+
+
+async def put_big(http: aiohttp.ClientSession, api: DevApi, folder: str, body: bytes) -> str:
+    url = f"{api.url}/cdn/{folder}/big"
+    async with http.put(url, data=body, headers=await bearer(http, api)) as response:
+        assert response.status == 201
+    return url
+
+
+async def test_status_fault_answers_n_times_then_recovers(
+    http: aiohttp.ClientSession, shared_dev_api: DevApi
+) -> None:
+    shared_dev_api.faults(status=503, count=2, path="/health", retry_after=3)
+    statuses = []
+    for _ in range(3):
+        async with http.get(f"{shared_dev_api.url}/health") as response:
+            statuses.append(response.status)
+            if response.status == 503:
+                assert response.headers["Retry-After"] == "3"
+    assert statuses == [503, 503, 200]
+    assert shared_dev_api.count("GET", "/health") == 3
+
+
+async def test_truncate_fault_sends_a_short_body_that_looks_complete(
+    http: aiohttp.ClientSession, shared_dev_api: DevApi, resource_folder: str
+) -> None:
+    body = b"0123456789" * 1000
+    url = await put_big(http, shared_dev_api, resource_folder, body)
+    shared_dev_api.faults(truncate=True, path="/cdn/")
+    async with http.get(url) as response:
+        assert response.status == 200
+        assert await response.read() == body[: len(body) // 2]
+
+
+async def test_drop_fault_breaks_the_connection_mid_body(
+    http: aiohttp.ClientSession, shared_dev_api: DevApi, resource_folder: str
+) -> None:
+    body = b"x" * 1_000_000
+    url = await put_big(http, shared_dev_api, resource_folder, body)
+    shared_dev_api.faults(drop_mid_body=True, path="/cdn/")
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with http.get(url) as response:
+            assert response.content_length == len(body)
+            await response.read()
+    async with http.get(url) as response:  # the next one is fine again
+        assert await response.read() == body
+
+
+async def test_garbage_fault_keeps_the_length_and_changes_the_bytes(
+    http: aiohttp.ClientSession, shared_dev_api: DevApi, resource_folder: str
+) -> None:
+    body = b"\x00" * 100_000
+    url = await put_big(http, shared_dev_api, resource_folder, body)
+    shared_dev_api.faults(garbage=True, path="/cdn/")
+    async with http.get(url) as response:
+        received = await response.read()
+    assert len(received) == len(body) and received != body
+
+
+async def test_delay_fault_makes_a_short_timeout_expire(
+    http: aiohttp.ClientSession, shared_dev_api: DevApi
+) -> None:
+    shared_dev_api.faults(delay=5.0, path="/health")
+    with pytest.raises(asyncio.TimeoutError):
+        async with http.get(
+            f"{shared_dev_api.url}/health", timeout=aiohttp.ClientTimeout(total=0.3)
+        ):
+            pass
+
+
+async def test_expire_tokens_makes_issued_tokens_401_token_expired(
+    http: aiohttp.ClientSession, shared_dev_api: DevApi
+) -> None:
+    auth = await bearer(http, shared_dev_api)
+    url = f"{shared_dev_api.url}/binary-split/key-fragment"
+    async with http.get(url, headers=auth) as response:
+        assert response.status == 200
+    shared_dev_api.faults(expire_tokens=True)
+    async with http.get(url, headers=auth) as response:
+        assert response.status == 401
+        assert (await response.json())["error"] == "token_expired"
+    async with http.get(url, headers=await bearer(http, shared_dev_api)) as response:
+        assert response.status == 200
+
+
+async def test_stats_log_records_ranges_and_statuses(
+    http: aiohttp.ClientSession, shared_dev_api: DevApi, resource_folder: str
+) -> None:
+    url = await put_big(http, shared_dev_api, resource_folder, b"abcdef")
+    async with http.get(url, headers={"Range": "bytes=2-"}) as response:
+        assert await response.read() == b"cdef"
+    entries = shared_dev_api.log(f"/cdn/{resource_folder}/")
+    assert [(e["method"], e["range"], e["status"]) for e in entries] == [
+        ("PUT", None, 201),
+        ("GET", "bytes=2-", 206),
+    ]
+
+
+async def test_unknown_fault_fields_are_refused(shared_dev_api: DevApi) -> None:
+    with pytest.raises(Exception, match="400"):
+        shared_dev_api.faults(explode=True)
+
+
+def run_dev_api(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent", "dev-api", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_malformed_user_is_a_usage_error(tmp_path: Path) -> None:
+    result = run_dev_api("--data-dir", str(tmp_path), "--user", "no-colon-here")
+    assert result.returncode == 2
+    assert "--user must be EMAIL:PASSWORD" in result.stderr
+
+
+def test_port_in_use_is_a_clear_error(tmp_path: Path, shared_dev_api: DevApi) -> None:
+    result = run_dev_api(
+        "--data-dir", str(tmp_path), "--user", "a@b:c", "--port", str(shared_dev_api.port)
+    )
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{shared_dev_api.port}" in result.stderr
