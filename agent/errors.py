@@ -26,6 +26,7 @@
     +-- DockerError                 the Docker engine failed or is not reachable
     |   +-- DockerUnavailable       engine not up (transient)
     +-- UnlockError                 the unlock workflow failed
+    +-- StorageError                local disk full or not writable (cache, state)
 
 Foreign exceptions are translated at each boundary (``raise X(...) from exc``); the mapping of
 these classes to HTTP statuses lives in exactly one place: ``agent.server.ERROR_STATUS``.
@@ -143,4 +144,8 @@ class DockerUnavailable(DockerError):
 
 
 class UnlockError(LoaderError):
+    pass
+
+
+class StorageError(LoaderError):
     pass

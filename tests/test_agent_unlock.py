@@ -8,7 +8,6 @@ the state directory alone.
 from __future__ import annotations
 
 import secrets
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.agent import REPO, AgentProcess
+from tests.fixtures.archive import pack_with_cli, serve_fragment
 from tests.fixtures.devapi import DevApi
 from tests.fixtures.dockerd import Dockerd, import_image
 from tests.test_notify import NotifyListener
@@ -29,27 +29,11 @@ pytestmark = pytest.mark.docker
 def packed_archive(dockerd: Dockerd, dev_api: DevApi, agent_root: Path) -> tuple[Path, str, str]:
     ref = f"azaion/boot-{secrets.token_hex(4)}:1.0"
     image_id = import_image(dockerd.client, ref)
-    archive = agent_root / "images.enc"
-    fragment_out = agent_root / "publisher-fragment.key"
-    result = subprocess.run(
-        [
-            sys.executable, "-m", "agent", "pack-images",
-            "--out", str(archive), "--fragment-out", str(fragment_out), ref,
-        ],
-        env={"DOCKER_HOST": dockerd.host, "PATH": "/usr/bin:/bin"},
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    archive, fragment = pack_with_cli(dockerd.host, [ref], agent_root)
     # The device gets the archive; the API gets the fragment; the engine forgets the image.
-    serve_fragment(dev_api, fragment_out)
+    serve_fragment(dev_api, fragment)
     dockerd.client.images.remove(image_id, force=True)
     return archive, ref, image_id
-
-
-def serve_fragment(dev_api: DevApi, fragment: Path) -> None:
-    """Make dev-api serve ``fragment`` at /binary-split/key-fragment (it reads it at start)."""
-    shutil.copyfile(fragment, dev_api.key_fragment_path)
-    dev_api.restart()
 
 
 def test_boot_unlock_status_and_offline_restart(
@@ -59,7 +43,7 @@ def test_boot_unlock_status_and_offline_restart(
     packed_archive: tuple[Path, str, str],
     agent_root: Path,
 ) -> None:
-    archive, ref, image_id = packed_archive
+    archive, _ref, image_id = packed_archive
     notify = NotifyListener(agent_root / "notify.sock")
     agent = make_agent(
         start=False,

@@ -1,0 +1,213 @@
+"""Faults against the real agent process, dev-api and dockerd: each ends in a documented state
+with a clear message, and nothing is lost or left half-done."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import secrets
+import signal
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.localclient import _UnixConnection
+from tests.fixtures.agent import AgentProcess, wait_for
+from tests.fixtures.archive import pack_with_cli, serve_fragment
+from tests.fixtures.devapi import DevApi
+from tests.fixtures.dockerd import Dockerd, DockerDaemon, import_big_image, import_image
+
+MakeAgent = Callable[..., AgentProcess]
+MiB = 1024 * 1024
+
+
+def unlock_state(agent: AgentProcess) -> dict[str, Any]:
+    reply = agent.request("GET", "/unlock/status")
+    assert reply.status == 200
+    data: dict[str, Any] = reply.json()
+    return data
+
+
+def wait_state(agent: AgentProcess, *states: str, timeout: float = 90.0) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        snapshot = unlock_state(agent)
+        return snapshot if snapshot["state"] in states else None
+
+    result: dict[str, Any] = wait_for(reached, timeout, f"unlock state in {states}")
+    return result
+
+
+def boot_env(dev_api: DevApi, archive: Path, docker_host: str) -> dict[str, str]:
+    return {
+        "RESOURCE_API_URL": dev_api.url,
+        "IMAGES_PATH": str(archive),
+        "DOCKER_HOST": docker_host,
+        "LOADER_AUTO_UNLOCK": "true",
+        "AZAION_EMAIL": dev_api.email,
+        "AZAION_PASSWORD": dev_api.password,
+    }
+
+
+@pytest.fixture
+def small_archive(
+    dockerd: Dockerd, dev_api: DevApi, agent_root: Path
+) -> Iterator[tuple[Path, str]]:
+    ref = f"azaion/fault-{secrets.token_hex(4)}:1.0"
+    image_id = import_image(dockerd.client, ref)
+    archive, fragment = pack_with_cli(dockerd.host, [ref], agent_root)
+    serve_fragment(dev_api, fragment)
+    dockerd.client.images.remove(image_id, force=True)
+    yield archive, image_id
+
+
+@pytest.mark.docker
+def test_api_down_at_boot_then_up(
+    make_agent: MakeAgent, dockerd: Dockerd, dev_api: DevApi, small_archive: tuple[Path, str]
+) -> None:
+    archive, image_id = small_archive
+    dev_api.stop()
+    agent = make_agent(**boot_env(dev_api, archive, dockerd.host))
+    waiting = wait_state(agent, "waiting", "error")
+    assert waiting["state"] == "waiting", waiting
+    assert waiting["message"].startswith("waiting for ")
+    assert "next try in" in waiting["message"] and "(attempt " in waiting["message"]
+    dev_api.start()
+    ready = wait_state(agent, "ready", "error")
+    assert ready["state"] == "ready", ready
+    assert image_id in dockerd.image_ids()
+
+
+@pytest.mark.docker
+def test_docker_engine_down_then_up(
+    make_agent: MakeAgent,
+    dockerd: Dockerd,
+    late_dockerd: DockerDaemon,
+    dev_api: DevApi,
+    small_archive: tuple[Path, str],
+) -> None:
+    archive, image_id = small_archive
+    agent = make_agent(**boot_env(dev_api, archive, late_dockerd.host))
+    waiting = wait_state(agent, "waiting", "error")
+    assert waiting["state"] == "waiting", waiting
+    assert "docker" in waiting["message"].lower(), waiting
+    late_dockerd.start()
+    ready = wait_state(agent, "ready", "error")
+    assert ready["state"] == "ready", ready
+    client = late_dockerd.client()
+    assert image_id in {image.id for image in client.images.list(all=True)}
+
+
+@pytest.mark.docker
+def test_sigkill_mid_unlock_then_restart(
+    make_agent: MakeAgent, dockerd: Dockerd, dev_api: DevApi, agent_root: Path
+) -> None:
+    ref = f"azaion/fault-big-{secrets.token_hex(4)}:1.0"
+    image_id = import_big_image(dockerd.client, ref, 96 * MiB)
+    archive, fragment = pack_with_cli(dockerd.host, [ref], agent_root)
+    serve_fragment(dev_api, fragment)
+    dockerd.client.images.remove(image_id, force=True)
+
+    agent = make_agent(**boot_env(dev_api, archive, dockerd.host))
+    loading = wait_state(agent, "loading", "ready", "error")
+    assert loading["state"] == "loading", loading
+    assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
+    state_dir = Path(agent.env["LOADER_STATE_DIR"])
+    # Killed before the end: no record of a success that did not happen.
+    assert not (state_dir / "unlock.json").exists()
+
+    again = make_agent(**agent.env)  # same socket path: the stale socket file is replaced
+    ready = wait_state(again, "ready", "error", timeout=180)
+    assert ready["state"] == "ready", ready
+    assert image_id in dockerd.image_ids()
+    assert [p.name for p in state_dir.iterdir()] == ["unlock.json"]
+    json.loads((state_dir / "unlock.json").read_text())
+
+
+def _start_upload(sock: Path, name: str, size: int) -> tuple[http.client.HTTPConnection, bytes]:
+    """Send the headers and the first half of a multipart upload; the rest never comes."""
+    boundary = uuid.uuid4().hex
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="folder"\r\n\r\nmodels\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    conn = _UnixConnection(sock, 30)
+    conn.putrequest("POST", f"/upload/{name}")  # adds Host: localhost
+    conn.putheader("Content-Type", f"multipart/form-data; boundary={boundary}")
+    conn.putheader("Content-Length", str(len(head) + size + len(tail)))
+    conn.endheaders()
+    data = os.urandom(size)
+    conn.send(head + data[: size // 2])
+    return conn, data
+
+
+def test_sigkill_mid_upload_then_restart(make_agent: MakeAgent, dev_api: DevApi) -> None:
+    agent = make_agent(RESOURCE_API_URL=dev_api.url)
+    login = {"email": dev_api.email, "password": dev_api.password}
+    assert agent.request("POST", "/login", login).status == 200
+    conn, _ = _start_upload(agent.socket_path, "half.bin", 16 * MiB)
+    # The agent has the first half: its cache has started a spool file.
+    cache = Path(agent.env["MODEL_CACHE_DIR"])
+    wait_for(lambda: any(p.is_file() for p in cache.rglob("*")), 30, "the upload to spool")
+    agent.stop(signal.SIGKILL)
+    conn.close()
+
+    again = make_agent(**agent.env)
+    assert again.request("POST", "/login", login).status == 200
+    # Absent, not half there: 404, and no leftover spool or partial file in the cache.
+    reply = again.request("POST", "/load/half.bin", {"folder": "models"})
+    assert reply.status == 404, reply.body
+    assert reply.json()["error"] == "not_found"
+    assert not [p for p in cache.rglob("*") if p.is_file()], list(cache.rglob("*"))
+    # And the same name uploads fine afterwards.
+    data = os.urandom(MiB + 3)
+    source = Path(agent.env["LOADER_STATE_DIR"]).parent / "again.bin"
+    source.write_bytes(data)
+    up = again.cli("upload", str(source), "--folder", "models", "--name", "half.bin")
+    assert up.returncode == 0, up.stderr
+    assert again.request("POST", "/load/half.bin", {"folder": "models"}).body == data
+
+
+@pytest.fixture
+def small_cache_dir(agent_root: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs for the cache: a real 'No space left on device'."""
+    mount = agent_root / "smallcache"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"cannot mount a tmpfs for the disk-full test: {result.stderr}")
+        pytest.skip(f"cannot mount a tmpfs: {result.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_cache_is_a_clear_error_and_leaves_nothing(
+    make_agent: MakeAgent, dev_api: DevApi, small_cache_dir: Path, agent_root: Path
+) -> None:
+    agent = make_agent(RESOURCE_API_URL=dev_api.url, MODEL_CACHE_DIR=str(small_cache_dir))
+    login = {"email": dev_api.email, "password": dev_api.password}
+    assert agent.request("POST", "/login", login).status == 200
+    source = agent_root / "big.bin"
+    source.write_bytes(os.urandom(8 * MiB))
+    up = agent.cli("upload", str(source), "--folder", "models")
+    assert up.returncode == 1
+    last = up.stderr.strip().splitlines()[-1]
+    assert last.startswith("azaion-loader: error: ") and "space" in last.lower(), up.stderr
+    assert not [p for p in small_cache_dir.rglob("*") if p.is_file()]
+    reply = agent.request("POST", "/load/big.bin", {"folder": "models"})
+    assert reply.status == 404
+    # A resource that fits still works on the same agent.
+    fits = agent_root / "fits.bin"
+    fits.write_bytes(os.urandom(MiB))
+    assert agent.cli("upload", str(fits), "--folder", "models").returncode == 0
