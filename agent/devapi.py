@@ -28,13 +28,13 @@ from typing import Any
 from aiohttp import web
 from loguru import logger
 
+from agent.defaults import DEFAULT_MAX_BIG_BYTES, DEFAULT_MAX_SMALL_BYTES
 from agent.errors import ConfigError
 
 SERVER_BANNER = "azaion-dev-api (NOT FOR PRODUCTION)"
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")
 CHUNK = 256 * 1024
-DEFAULT_MAX_SMALL_BYTES = 1024 * 1024
-DEFAULT_MAX_BIG_BYTES = 64 * 1024**3
+
 STATS_LOG_LENGTH = 1000
 BODY_FAULT_KINDS = ("stall", "drop_mid_body", "truncate", "garbage")
 

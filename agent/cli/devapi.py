@@ -6,7 +6,8 @@ import argparse
 import asyncio
 from pathlib import Path
 
-from agent import devapi, keys
+from agent import keys
+from agent.defaults import DEFAULT_MAX_BIG_BYTES, DEFAULT_MAX_SMALL_BYTES
 from agent.errors import ConfigError
 
 
@@ -31,8 +32,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--key-fragment", type=Path, help="images key fragment file (as written by keygen)"
     )
     p.add_argument("--token-ttl", type=float, default=3600.0, help="token lifetime, seconds")
-    p.add_argument("--max-small-bytes", type=int, default=devapi.DEFAULT_MAX_SMALL_BYTES)
-    p.add_argument("--max-big-bytes", type=int, default=devapi.DEFAULT_MAX_BIG_BYTES)
+    p.add_argument("--max-small-bytes", type=int, default=DEFAULT_MAX_SMALL_BYTES)
+    p.add_argument("--max-big-bytes", type=int, default=DEFAULT_MAX_BIG_BYTES)
     p.set_defaults(func=cmd_dev_api)
 
 
@@ -54,6 +55,8 @@ def cmd_dev_api(args: argparse.Namespace) -> int:
     fragment_text = None
     if args.key_fragment is not None:
         fragment_text = keys.encode_fragment(keys.read_fragment_file(args.key_fragment))
+    from agent import devapi  # aiohttp: only for this command, not every CLI call
+
     config = devapi.DevApiConfig(
         data_dir=args.data_dir,
         users=parse_users(args.user),
