@@ -225,3 +225,74 @@ def test_disk_full_cache_is_a_clear_error_and_leaves_nothing(
     fits = agent_root / "fits.bin"
     fits.write_bytes(os.urandom(MiB))
     assert agent.cli("upload", str(fits), "--folder", "models").returncode == 0
+
+
+@pytest.fixture
+def uploaded(
+    make_agent: MakeAgent, dev_api: DevApi, agent_root: Path
+) -> tuple[AgentProcess, bytes]:
+    """An agent logged in to dev-api with one 2 MiB resource uploaded, its cache emptied."""
+    agent = make_agent(RESOURCE_API_URL=dev_api.url)
+    login = {"email": dev_api.email, "password": dev_api.password}
+    assert agent.request("POST", "/login", login).status == 200
+    data = os.urandom(2 * MiB + 5)
+    source = agent_root / "model.bin"
+    source.write_bytes(data)
+    assert agent.cli("upload", str(source), "--folder", "models").returncode == 0
+    agent.stop()
+    for path in Path(agent.env["MODEL_CACHE_DIR"]).rglob("*"):
+        if path.is_file():
+            path.unlink()
+    again = make_agent(**agent.env)
+    assert again.request("POST", "/login", login).status == 200
+    return again, data
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {"status": 500, "count": 2},
+        {"status": 503, "count": 3},
+        {"status": 429, "count": 2, "retry_after": 1},
+        {"drop_mid_body": True, "path": "/cdn/"},
+        {"truncate": True, "path": "/cdn/"},
+        {"stall": 1.0, "path": "/cdn/"},
+        {"delay": 1.0},
+        {"expire_tokens": True},
+    ],
+    ids=lambda f: next(iter(f)),
+)
+def test_transient_upstream_faults_are_absorbed(
+    uploaded: tuple[AgentProcess, bytes], dev_api: DevApi, fault: dict[str, Any]
+) -> None:
+    agent, data = uploaded
+    dev_api.faults(**fault)
+    reply = agent.request("POST", "/load/model.bin", {"folder": "models"})
+    assert reply.status == 200, reply.body[:300]
+    assert reply.body == data
+
+
+def test_garbage_from_the_cdn_is_an_error_never_plaintext(
+    uploaded: tuple[AgentProcess, bytes], dev_api: DevApi
+) -> None:
+    agent, data = uploaded
+    dev_api.faults(garbage=True, path="/cdn/", count=None)
+    reply = agent.request("POST", "/load/model.bin", {"folder": "models"})
+    assert reply.status == 502, reply.body[:300]
+    body = reply.json()
+    assert body["error"] == "upstream_error"
+    assert "CDN" in body["message"]
+    # Nothing garbled was kept: once the CDN is healthy again the load works.
+    dev_api.clear_faults()
+    assert agent.request("POST", "/load/model.bin", {"folder": "models"}).body == data
+
+
+def test_api_not_found_is_not_retried(
+    uploaded: tuple[AgentProcess, bytes], dev_api: DevApi
+) -> None:
+    agent, _ = uploaded
+    dev_api.clear_stats()
+    reply = agent.request("POST", "/load/absent.bin", {"folder": "models"})
+    assert reply.status == 404
+    hits = [entry for entry in dev_api.stats()["log"] if "absent.bin" in entry["path"]]
+    assert len(hits) == 1, hits
