@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import uuid
@@ -296,3 +297,37 @@ def test_api_not_found_is_not_retried(
     assert reply.status == 404
     hits = [entry for entry in dev_api.stats()["log"] if "absent.bin" in entry["path"]]
     assert len(hits) == 1, hits
+
+
+@pytest.mark.docker
+def test_docker_engine_killed_mid_load_then_back(
+    make_agent: MakeAgent,
+    late_dockerd: DockerDaemon,
+    dev_api: DevApi,
+    big_archive: tuple[Path, str],
+) -> None:
+    archive, image_id = big_archive
+    late_dockerd.start()
+    agent = make_agent(**boot_env(dev_api, archive, late_dockerd.host))
+    loading = wait_state(agent, "loading", "ready", "error")
+    assert loading["state"] == "loading", loading
+    assert late_dockerd.process is not None
+    # Kill dockerd and its containerd at once (the daemon has its own process group).
+    os.killpg(late_dockerd.process.pid, signal.SIGKILL)
+    late_dockerd.process.wait()
+    late_dockerd.process = None
+    # The engine vanished mid-stream: the agent says so and waits for it (transient), or ends
+    # in a clear Docker error; never "ready".
+    after = wait_state(agent, "waiting", "error")
+    assert "docker" in (after["message"] + str(after["error"])).lower(), after
+    # The engine comes back at the same address. Its own recovery from a SIGKILL mid-load is
+    # not under test here (containerd can take minutes), so it comes back with empty storage.
+    for part in ("data", "x"):
+        shutil.rmtree(late_dockerd.root / part, ignore_errors=True)
+    late_dockerd.start()
+    if after["state"] == "error":
+        assert agent.request("POST", "/unlock").status in (200, 202)
+    ready = wait_state(agent, "ready", "error", timeout=180)
+    assert ready["state"] == "ready", ready
+    client = late_dockerd.client()
+    assert image_id in {image.id for image in client.images.list(all=True)}
