@@ -44,6 +44,7 @@ from agent.errors import (
 )
 from agent.logs import register_secret
 from agent.retry import RetryPolicy, Sleep, retry_call
+from agent.settings import is_loopback
 
 T = TypeVar("T")
 
@@ -233,7 +234,11 @@ class ResourceApiClient:
         if not isinstance(cdn_url, str) or not cdn_url:
             raise UpstreamError("the Resource API's login answer does not name the CDN")
         register_secret(token)
-        self._cdn_url = self._base.join(URL(cdn_url.rstrip("/")))
+        cdn = self._base.join(URL(cdn_url.rstrip("/")))
+        if cdn.scheme != "https" and not (cdn.scheme == "http" and is_loopback(cdn.host or "")):
+            # The CDN sees the token on uploads: never send it in the clear off this machine.
+            raise UpstreamError("the Resource API named a CDN that is not https://; refused")
+        self._cdn_url = cdn
         early = min(TOKEN_EARLY_RENEWAL, lifetime / 10)
         return _Token(token, self._clock() + lifetime - early)
 

@@ -10,13 +10,35 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from agent import __version__
-from agent.server import SAFE_NAME, SAFE_NAME_RULE
+from agent.schemas import NAME_MAX_LENGTH, NAME_PATTERN
+from agent.server import LOOPBACK_AUTHORITY, SAFE_NAME_RULE
 
 if TYPE_CHECKING:
     from agent.server import Endpoint
 
 REF = "#/components/schemas/{model}"
 PATH_PARAM = re.compile(r"{(\w+)}")
+NAME_SCHEMA = {"type": "string", "pattern": f"^{NAME_PATTERN}$", "maxLength": NAME_MAX_LENGTH}
+# The local-only guard, as parameters: any other Host or Origin gets 403.
+GUARD_PARAMETERS = [
+    {
+        "name": "Host",
+        "in": "header",
+        "required": False,
+        "description": (
+            "localhost, 127.0.0.1 or [::1], with an optional port (over the Unix socket also "
+            "'unix' or 'azaion-loader'); anything else is refused with 403 (DNS-rebinding guard)"
+        ),
+        "schema": {"type": "string", "pattern": f"^{LOOPBACK_AUTHORITY}$"},
+    },
+    {
+        "name": "Origin",
+        "in": "header",
+        "required": False,
+        "description": "only http(s) origins on this machine; others get 403 (CSRF guard)",
+        "schema": {"type": "string", "pattern": f"^https?://{LOOPBACK_AUTHORITY}$"},
+    },
+]
 
 
 def _schema_ref(model: type[BaseModel], schemas: dict[str, Any]) -> dict[str, str]:
@@ -39,21 +61,22 @@ def _operation(endpoint: Endpoint, schemas: dict[str, Any]) -> dict[str, Any]:
         "operationId": endpoint.handler.__name__,
         "responses": {},
     }
-    params = PATH_PARAM.findall(endpoint.path)
-    if params:
-        op["parameters"] = [
-            {
-                "name": name,
-                "in": "path",
-                "required": True,
-                "description": f"{name} {SAFE_NAME_RULE}",
-                "schema": {"type": "string", "pattern": f"^{SAFE_NAME.pattern}$"},
-            }
-            for name in params
-        ]
+    op["parameters"] = [
+        {
+            "name": name,
+            "in": "path",
+            "required": True,
+            "description": f"{name} {SAFE_NAME_RULE}",
+            "schema": NAME_SCHEMA,
+            "example": "model.bin",
+        }
+        for name in PATH_PARAM.findall(endpoint.path)
+    ]
+    op["parameters"] += GUARD_PARAMETERS
     if endpoint.request is not None:
         op["requestBody"] = {
-            "required": False,
+            # Required when the model has a required field; otherwise no body means {}.
+            "required": any(f.is_required() for f in endpoint.request.model_fields.values()),
             "content": _json(_schema_ref(endpoint.request, schemas)),
         }
     elif endpoint.multipart_request:
@@ -63,10 +86,21 @@ def _operation(endpoint: Endpoint, schemas: dict[str, Any]) -> dict[str, Any]:
                 "multipart/form-data": {
                     "schema": {
                         "type": "object",
-                        "required": ["file"],
+                        "required": ["folder", "file"],
+                        "additionalProperties": False,
                         "properties": {
-                            "folder": {"type": "string", "description": "send before file"},
-                            "file": {"type": "string", "format": "binary"},
+                            "folder": {
+                                **NAME_SCHEMA,
+                                "description": (
+                                    "send it before 'file' (or instead as the query parameter "
+                                    "?folder=, for clients that cannot order form fields)"
+                                ),
+                            },
+                            # OpenAPI 3.1 spelling of a file part (3.0 used format: binary)
+                            "file": {
+                                "type": "string",
+                                "contentMediaType": "application/octet-stream",
+                            },
                         },
                     }
                 }

@@ -11,6 +11,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 MAX_FIELD = 1024
+# A resource or folder name: one plain path component. Letters, digits, '.', '_', '-', '+',
+# starting with a letter or digit, never "..". Written without look-ahead so that JSON Schema
+# tools (and hypothesis) can use it as is. The server validates every name with it.
+NAME_PATTERN = r"[A-Za-z0-9](?:\.?[A-Za-z0-9_+-])*\.?"
+NAME_MAX_LENGTH = 255
+_NAME = f"^{NAME_PATTERN}$"
 
 
 class _Request(BaseModel):
@@ -18,20 +24,47 @@ class _Request(BaseModel):
 
 
 class LoginRequest(_Request):
-    email: str
-    password: SecretStr
+    email: str = Field(max_length=MAX_FIELD)
+    password: SecretStr = Field(max_length=MAX_FIELD)
 
 
 class UnlockRequest(_Request):
-    """Optional credentials; both or neither."""
+    """Optional credentials: both, or neither."""
 
-    email: str | None = None
-    password: SecretStr | None = None
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["email", "password"], "properties": {
+                    "email": {"type": "string"}, "password": {"type": "string"}}},
+                {"properties": {"email": {"type": "null"}, "password": {"type": "null"}}},
+            ]
+        }
+    )  # fmt: skip
+    email: str | None = Field(default=None, min_length=1, max_length=MAX_FIELD)
+    password: SecretStr | None = Field(default=None, min_length=1, max_length=MAX_FIELD)
+
+    @property
+    def credentials(self) -> tuple[str, str] | None:
+        if self.email is not None and self.password is not None:
+            return self.email, self.password.get_secret_value()
+        return None
+
+    @property
+    def partial(self) -> bool:
+        """One of the two without the other."""
+        return (self.email is None) != (self.password is None)
 
 
 class LoadRequest(_Request):
-    folder: str
-    filename: str | None = Field(default=None, description="if given, must equal the path's")
+    model_config = ConfigDict(json_schema_extra={"examples": [{"folder": "models"}]})
+
+    folder: str = Field(pattern=_NAME, max_length=NAME_MAX_LENGTH)
+    filename: str | None = Field(
+        default=None,
+        pattern=_NAME,
+        max_length=NAME_MAX_LENGTH,
+        description="if given, must equal the path's",
+    )
 
 
 class HealthResponse(BaseModel):

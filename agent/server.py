@@ -7,23 +7,26 @@ service's paths and fields (health, status, login, load, upload, unlock, unlock/
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-import ipaddress
 import json
 import re
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
+from urllib.parse import unquote
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 from loguru import logger
 from pydantic import BaseModel, ValidationError
 
 from agent import __version__, errors
 from agent.logs import register_secret
 from agent.schemas import (
+    NAME_MAX_LENGTH,
+    NAME_PATTERN,
     ErrorResponse,
     HealthResponse,
     LoadRequest,
@@ -43,6 +46,16 @@ if TYPE_CHECKING:
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+
+class UnsupportedMediaType(errors.RequestError):
+    """A body in a form this API does not take (not JSON, not multipart, or compressed).
+
+    Refusing the three content types a web page may send cross-origin without a CORS preflight
+    (text/plain, form-urlencoded, multipart to a JSON endpoint) also stops CSRF from browsers
+    too old to send ``Origin``.
+    """
+
+
 # The one mapping from the agent's errors to HTTP: (status, short code). Looked up along the
 # exception's MRO, so a subclass without its own row takes its parent's.
 ERROR_STATUS: dict[type[errors.LoaderError], tuple[int, str]] = {
@@ -52,6 +65,7 @@ ERROR_STATUS: dict[type[errors.LoaderError], tuple[int, str]] = {
     errors.InvalidName: (400, "invalid_name"),
     errors.ForbiddenRequest: (403, "forbidden"),
     errors.PayloadTooLarge: (413, "payload_too_large"),
+    UnsupportedMediaType: (415, "unsupported_media_type"),
     errors.NotFoundError: (404, "not_found"),
     errors.ConflictError: (409, "conflict"),
     errors.NotImplementedYet: (501, "not_implemented"),
@@ -72,16 +86,26 @@ ERROR_STATUS: dict[type[errors.LoaderError], tuple[int, str]] = {
     errors.DockerError: (502, "docker_error"),
     errors.DockerUnavailable: (503, "docker_unavailable"),
     errors.UnlockError: (500, "unlock_failed"),
+    errors.StorageError: (507, "insufficient_storage"),
 }
 
-# Names for the Host header that only a local client sends. "unix" and "localhost" are what
-# HTTP clients put there when talking over a Unix socket.
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "unix", "azaion-loader"})
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")
+# What a local client puts in Host (and a page on this machine in Origin): localhost, 127.0.0.1
+# or [::1], with an optional port. Nothing else over TCP: any other name may be an attacker's
+# DNS name rebound to 127.0.0.1. One pattern, shared with the OpenAPI document.
+LOOPBACK_AUTHORITY = (
+    r"(?:[Ll][Oo][Cc][Aa][Ll][Hh][Oo][Ss][Tt]|127\.0\.0\.1|\[::1\])(?::[0-9]{1,5})?"
+)
+LOOPBACK_HOST = re.compile(LOOPBACK_AUTHORITY)
+LOOPBACK_ORIGIN = re.compile(r"https?://" + LOOPBACK_AUTHORITY)
+# What some HTTP clients put in Host over a Unix socket; no browser can reach the socket.
+SOCKET_ONLY_HOSTS = frozenset({"unix", "azaion-loader"})
+SAFE_NAME = re.compile(NAME_PATTERN)
 SAFE_NAME_RULE = (
     "must be a plain name: letters, digits, '.', '_', '-', '+', starting with a letter or digit, "
     "at most 255 characters, no '..' or path separators"
 )
+JSON_TYPES = re.compile(r"application/(?:[\w.+-]+\+)?json")
+MAX_FIELD_BYTES = 1024  # the upload's 'folder' field
 CHUNK = 256 * 1024
 
 
@@ -114,6 +138,13 @@ _HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+# Fixed sentences: nothing of the request (path, header, body) is echoed back.
+_HTTP_MESSAGES = {
+    404: "no such endpoint (GET /openapi.json lists them)",
+    405: "this method is not allowed on this endpoint",
+    413: "request body is too large",
 }
 
 
@@ -131,8 +162,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         code = _HTTP_CODES.get(exc.status, re.sub(r"\W+", "_", exc.reason.lower()))
-        message = _http_message(request, exc)
-        return error_response(exc.status, code, message)
+        message = _HTTP_MESSAGES.get(exc.status, exc.reason)
+        response = error_response(exc.status, code, message)
+        if hdrs.ALLOW in exc.headers:  # 405 names the methods that are allowed (RFC 9110)
+            response.headers[hdrs.ALLOW] = exc.headers[hdrs.ALLOW]
+        return response
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
@@ -140,38 +174,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(500, "internal_error", "internal error; see the agent's log")
 
 
-def _http_message(request: web.Request, exc: web.HTTPException) -> str:
-    # raw_path: percent-encoded as sent, so no control characters reach the message or the log.
-    path = request.raw_path.split("?", 1)[0]
-    if exc.status == 404:
-        return f"no such endpoint: {request.method} {path}"
-    if exc.status == 405:
-        return f"method {request.method} is not allowed on {path}"
-    if exc.status == 413:
-        return "request body is too large"
-    return exc.text or exc.reason
-
-
-def _is_loopback_host(host: str) -> bool:
-    name = host.strip().lower()
-    if name.startswith("["):  # [::1]:8765
-        name = name[1 : name.find("]")] if "]" in name else name
-    elif name.count(":") == 1:  # localhost:8765
-        name = name.split(":", 1)[0]
-    if name in LOOPBACK_NAMES:
+def _is_loopback_host(host: str, over_unix_socket: bool) -> bool:
+    if over_unix_socket and host.strip().lower() in SOCKET_ONLY_HOSTS:
         return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
-
-
-def _is_loopback_origin(origin: str) -> bool:
-    try:
-        parts = urlsplit(origin)
-    except ValueError:
-        return False
-    return parts.scheme in ("http", "https") and _is_loopback_host(parts.netloc)
+    return LOOPBACK_HOST.fullmatch(host) is not None
 
 
 def _over_unix_socket(request: web.Request) -> bool:
@@ -181,18 +187,29 @@ def _over_unix_socket(request: web.Request) -> bool:
 
 @web.middleware
 async def local_only_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """DNS-rebinding and CSRF guard: this API is for local programs, not for web pages."""
-    host = request.headers.get("Host")
+    """DNS-rebinding and CSRF guard: this API is for local programs, not for web pages.
+
+    Also refuses what no client of this API sends and only widens the attack surface: full
+    URLs as the request target (proxy style) and compressed bodies (decompression bombs).
+    """
+    if isinstance(request.match_info.http_exception, web.HTTPMethodNotAllowed):
+        raise request.match_info.http_exception  # about the route, whoever asks
+    over_unix_socket = _over_unix_socket(request)
+    host = request.headers.get(hdrs.HOST)
     if host is None:
-        if not _over_unix_socket(request):
+        if not over_unix_socket:
             raise errors.ForbiddenRequest("requests must carry a Host header naming localhost")
-    elif not _is_loopback_host(host):
+    elif not _is_loopback_host(host, over_unix_socket):
         raise errors.ForbiddenRequest("this API serves local clients only (foreign Host header)")
-    origin = request.headers.get("Origin")
-    if origin is not None and not _is_loopback_origin(origin):
+    if not request.raw_path.startswith("/"):
+        raise errors.ForbiddenRequest("the request target must be a path, not a full URL")
+    origin = request.headers.get(hdrs.ORIGIN)
+    if origin is not None and not LOOPBACK_ORIGIN.fullmatch(origin):
         raise errors.ForbiddenRequest("cross-origin requests are refused (foreign Origin header)")
     if request.headers.get("Sec-Fetch-Site") == "cross-site":
         raise errors.ForbiddenRequest("cross-site requests are refused")
+    if request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower() != "identity":
+        raise UnsupportedMediaType("compressed request bodies are not accepted")
     _refuse_dot_segments(request.raw_path)
     return await handler(request)
 
@@ -207,33 +224,70 @@ def _refuse_dot_segments(raw_path: str) -> None:
         raise errors.InvalidName("the path must not contain '.' or '..' segments")
 
 
+async def hardening_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """No caching of answers (they may be decrypted models), no MIME sniffing, no version
+    banner; and never a CORS header, so no web page may read an answer."""
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers[hdrs.SERVER] = "azaion-loader"
+
+
 def validate_name(value: object, field: str) -> str:
-    if not isinstance(value, str) or not SAFE_NAME.fullmatch(value) or ".." in value:
+    if not is_safe_name(value):
         raise errors.InvalidName(f"{field} {SAFE_NAME_RULE}")
     return value
 
 
+def is_safe_name(value: object) -> TypeGuard[str]:
+    return (
+        isinstance(value, str)
+        and len(value) <= NAME_MAX_LENGTH
+        and SAFE_NAME.fullmatch(value) is not None
+    )
+
+
 M = TypeVar("M", bound=BaseModel)
+_NAME_ERRORS = frozenset({"string_pattern_mismatch", "string_too_long"})
+NAME_FIELDS = frozenset({"folder", "filename"})
 
 
 async def read_model(request: web.Request, model: type[M]) -> M:
-    """Parse and validate a JSON body; the message names the field, never echoes the value."""
+    """Parse and validate a JSON body; messages name the field, never echo what was sent."""
     body = await request.read()  # bounded by the app's client_max_size (413 past it)
     if not body:
         data: Any = {}
     else:
+        _require_json(request)
         try:
-            data = json.loads(body)
+            data = json.loads(body.decode("utf-8"))  # RFC 8259: UTF-8 only, no BOM
         except (UnicodeDecodeError, ValueError) as exc:
             raise errors.RequestError("request body is not valid JSON") from exc
+        except RecursionError as exc:
+            raise errors.RequestError("request body is nested too deeply") from exc
     if not isinstance(data, dict):
         raise errors.RequestError("request body must be a JSON object")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "body"
-        raise errors.RequestError(f"field '{where}': {first['msg']}") from None
+        raise _validation_error(model, exc) from None
+
+
+def _require_json(request: web.Request) -> None:
+    content_type = request.headers.get(hdrs.CONTENT_TYPE)
+    if content_type is not None and not JSON_TYPES.fullmatch(request.content_type):
+        raise UnsupportedMediaType("send the body as JSON (Content-Type: application/json)")
+
+
+def _validation_error(model: type[BaseModel], exc: ValidationError) -> errors.RequestError:
+    first = exc.errors()[0]
+    known = list(model.model_fields)
+    if first["type"] == "extra_forbidden":
+        # The unknown key is the caller's input: say which are allowed instead of echoing it.
+        return errors.RequestError(f"unknown field in the body; allowed: {', '.join(known)}")
+    where = ".".join(str(part) for part in first["loc"] if part in known) or "body"
+    if where in NAME_FIELDS and first["type"] in _NAME_ERRORS:
+        return errors.InvalidName(f"{where} {SAFE_NAME_RULE}")
+    return errors.RequestError(f"field '{where}': {first['msg']}")
 
 
 async def health(request: web.Request) -> web.Response:
@@ -285,11 +339,12 @@ async def _start_unlock_quietly(services: Services) -> None:
 async def unlock(request: web.Request) -> web.Response:
     body = await read_model(request, UnlockRequest)
     services = request.app[SERVICES]
-    if body.email and body.password:
-        register_secret(body.password.get_secret_value())
-        services.api.set_credentials(body.email, body.password.get_secret_value())
-    elif body.email or body.password:
+    if body.partial:
         raise errors.RequestError("give both email and password, or neither")
+    if body.credentials is not None:
+        email, password = body.credentials
+        register_secret(password)
+        services.api.set_credentials(email, password)
     snapshot = await services.unlock.start()
     return web.json_response(snapshot, status=200 if snapshot["state"] == "ready" else 202)
 
@@ -331,14 +386,21 @@ async def upload(request: web.Request) -> web.Response:
     if request.content_length is not None and request.content_length > limit:
         raise errors.PayloadTooLarge(f"upload is larger than the limit of {limit} bytes")
     if not request.content_type.startswith("multipart/"):
-        raise errors.RequestError("upload must be multipart/form-data with fields folder and file")
-    reader = await request.multipart()
+        raise UnsupportedMediaType("upload must be multipart/form-data with fields folder and file")
     folder = request.query.get("folder")
-    async for part in reader:
-        if not isinstance(part, BodyPartReader) or part.name is None:
-            raise errors.RequestError("unexpected nested multipart in upload")
-        if part.name == "folder":
-            folder = (await part.read(decode=True)).decode("utf-8", "replace")[:1024]
+    with _malformed_multipart():
+        reader = await request.multipart()
+    # Exactly: an optional 'folder' field, then 'file'. Anything else is refused, so that no
+    # form (or multipart bomb) makes the agent read more than it needs.
+    for expected in ("folder", "file"):
+        with _malformed_multipart():
+            part = await reader.next()
+        if part is None:
+            raise errors.RequestError("upload has no 'file' field")
+        if not isinstance(part, BodyPartReader):
+            raise errors.RequestError("nested multipart is not accepted in an upload")
+        if part.name == "folder" and expected == "folder":
+            folder = await _read_field(part)
         elif part.name == "file":
             if folder is None:
                 raise errors.RequestError(
@@ -350,13 +412,39 @@ async def upload(request: web.Request) -> web.Response:
             )
             return web.json_response({"status": "ok", **dataclasses.asdict(result)})
         else:
-            await part.release()
-    raise errors.RequestError("upload has no 'file' field")
+            raise errors.RequestError("an upload has two fields: 'folder', then 'file'")
+    raise errors.RequestError("an upload has two fields: 'folder', then 'file'")
+
+
+@contextlib.contextmanager
+def _malformed_multipart() -> Iterator[None]:
+    """aiohttp's multipart parser reports bad input as ValueError or an HTTP parser error."""
+    try:
+        yield
+    except (ValueError, HttpProcessingError) as exc:
+        raise errors.RequestError("the upload is not well-formed multipart/form-data") from exc
+
+
+async def _read_field(part: BodyPartReader) -> str:
+    """A small form field, as sent (no transfer decoding), at most ``MAX_FIELD_BYTES``."""
+    data = bytearray()
+    with _malformed_multipart():
+        while chunk := await part.read_chunk(CHUNK):
+            data += chunk
+            if len(data) > MAX_FIELD_BYTES:
+                raise errors.RequestError(
+                    f"the 'folder' field is longer than {MAX_FIELD_BYTES} bytes"
+                )
+    return data.decode("utf-8", "replace")
 
 
 async def _limited(part: BodyPartReader, limit: int) -> AsyncIterator[bytes]:
     total = 0
-    while chunk := await part.read_chunk(CHUNK):
+    while True:
+        with _malformed_multipart():
+            chunk = await part.read_chunk(CHUNK)
+        if not chunk:
+            return
         total += len(chunk)
         if total > limit:
             raise errors.PayloadTooLarge(f"upload is larger than the limit of {limit} bytes")
@@ -386,22 +474,22 @@ class Endpoint:
     multipart_request: bool = False
 
 
-# Every endpoint may also answer 403 (foreign Host/Origin), 400 (bad path) and 500.
+# Every endpoint may also answer 400 (bad path), 403 (foreign Host/Origin) and 500.
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("GET", "/health", health, "Liveness probe", response=HealthResponse),
     Endpoint("GET", "/status", status, "Agent, credentials and unlock status",
              response=StatusResponse),
     Endpoint("POST", "/login", login, "Set credentials (checked against the Resource API)",
-             request=LoginRequest, response=LoginResponse, errors=(401, 413, 502, 504)),
+             request=LoginRequest, response=LoginResponse, errors=(401, 413, 415, 502, 504)),
     Endpoint("POST", "/load/{filename}", load, "Fetch and decrypt a resource",
              request=LoadRequest, binary_response=True,
-             errors=(401, 403, 404, 413, 502, 503, 504)),
+             errors=(401, 403, 404, 413, 415, 502, 503, 504, 507)),
     Endpoint("POST", "/upload/{filename}", upload, "Encrypt, split and upload a resource",
              response=UploadResponse, multipart_request=True,
-             errors=(401, 403, 409, 413, 502, 503, 504)),
+             errors=(401, 403, 404, 409, 413, 415, 502, 503, 504, 507)),
     Endpoint("POST", "/unlock", unlock, "Start the unlock of the Docker images",
              request=UnlockRequest, response=UnlockStatus, ok_status=(200, 202),
-             errors=(404, 413)),
+             errors=(404, 413, 415)),
     Endpoint("GET", "/unlock/status", unlock_status, "Progress of the unlock",
              response=UnlockStatus),
     Endpoint("GET", "/openapi.json", openapi_document, "This document (OpenAPI 3.1)"),
@@ -416,6 +504,7 @@ def create_app(services: Services) -> web.Application:
         client_max_size=services.settings.loader_max_json_bytes,
     )
     app[SERVICES] = services
+    app.on_response_prepare.append(hardening_headers)
     for endpoint in ENDPOINTS:
         app.router.add_route(endpoint.method, endpoint.path, endpoint.handler)
     return app

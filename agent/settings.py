@@ -7,9 +7,11 @@ in ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``); the environment win
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -54,9 +56,23 @@ class Settings(BaseSettings):
     @field_validator("resource_api_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
+        if value.startswith("http://"):
+            # Plain HTTP would carry the password and tokens in the clear: only a local
+            # reference server (dev-api) may be reached that way.
+            if not is_loopback(urlsplit(value).hostname or ""):
+                raise ValueError("must use https:// (http:// only for a loopback dev-api)")
+        elif not value.startswith("https://"):
+            raise ValueError("must start with https://")
         return value.rstrip("/")
+
+    @field_validator("loader_http_host")
+    @classmethod
+    def _loopback_host(cls, value: str) -> str:
+        # The Host/Origin guard stops browsers, not programs on the network: the port must not
+        # be reachable from outside this device at all.
+        if not is_loopback(value):
+            raise ValueError("must be a loopback address (127.0.0.1, ::1 or localhost)")
+        return value
 
     @field_validator(
         "images_path",
@@ -81,6 +97,16 @@ class Settings(BaseSettings):
     @property
     def has_credentials(self) -> bool:
         return bool(self.azaion_email and self.azaion_password)
+
+
+def is_loopback(host: str) -> bool:
+    name = host.strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def _credentials_from_directory(environ: Mapping[str, str]) -> dict[str, str]:

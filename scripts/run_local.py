@@ -14,13 +14,18 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import IO
 
 from agent.keys import generate_fragment, write_fragment_file
 
 EMAIL = "dev@localhost"
 
 
-def start_dev_api(root: Path, password: str) -> tuple[subprocess.Popen[str], str]:
+def start_dev_api(
+    root: Path, password: str, *, email: str = EMAIL, log: IO[str] | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    """Start dev-api on a free loopback port (its key fragment: ``root/api-fragment.key``,
+    made if missing); returns the process and its URL. Its log goes to ``log`` (default: ours)."""
     fragment = root / "api-fragment.key"
     if not fragment.exists():
         write_fragment_file(fragment, generate_fragment())
@@ -29,10 +34,11 @@ def start_dev_api(root: Path, password: str) -> tuple[subprocess.Popen[str], str
             sys.executable, "-m", "agent", "dev-api",
             "--host", "127.0.0.1", "--port", "0",
             "--data-dir", str(root / "dev-api"),
-            "--user", f"{EMAIL}:{password}",
+            "--user", f"{email}:{password}",
             "--key-fragment", str(fragment),
         ],
         stdout=subprocess.PIPE,
+        stderr=log,
         text=True,
     )  # fmt: skip
     assert proc.stdout is not None

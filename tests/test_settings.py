@@ -67,7 +67,10 @@ def test_credentials_directory_and_environment_precedence(tmp_path: Path) -> Non
         ("LOADER_SOCKET_PATH", "relative/loader.sock", "absolute path"),
         ("LOADER_STATE_DIR", "state", "absolute path"),
         ("LOADER_AUTO_UNLOCK", "perhaps", "valid boolean"),
-        ("RESOURCE_API_URL", "ftp://x", "http://"),
+        ("RESOURCE_API_URL", "ftp://x", "https://"),
+        ("RESOURCE_API_URL", "http://api.azaion.com", "https://"),
+        ("LOADER_HTTP_HOST", "0.0.0.0", "loopback"),
+        ("LOADER_HTTP_HOST", "192.168.1.5", "loopback"),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str, says: str) -> None:

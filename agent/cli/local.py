@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.cli.progress import Progress
+from agent.defaults import DEFAULT_SOCKET_PATH
 from agent.errors import LoaderError
 from agent.localclient import AgentClient
-from agent.defaults import DEFAULT_SOCKET_PATH
 
 UNLOCK_POLL_SECONDS = 0.5
 DONE_STATES = ("ready", "error")
@@ -89,14 +89,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def describe_unlock(snapshot: dict[str, Any]) -> str:
+    """One line: the agent's own status line when it sent one (as systemd's STATUS= shows)."""
     state = str(snapshot.get("state", "unknown"))
-    message = snapshot.get("message")
     if snapshot.get("error"):
         return f"{state}: {snapshot['error']}"
-    progress = snapshot.get("progress") or {}
-    if state not in ("idle", "ready") and progress.get("bytes_total"):
-        return f"{state} {progress.get('percent', 0):.0f}%"
-    return f"{state}: {message}" if message else state
+    return str(snapshot.get("message") or state)
 
 
 def _read_password() -> str:
