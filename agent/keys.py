@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from agent.errors import ConfigError, ConflictError, LoaderError
+from agent.durable import write_atomically
+from agent.errors import ConfigError, ConflictError
 
 FRAGMENT_SIZE = 32
 MIN_FRAGMENT_SIZE = 16
@@ -116,43 +115,11 @@ def write_fragment_file(
     target = Path(path)
     text = (encode_fragment(fragment) + "\n").encode("ascii")
     try:
-        descriptor, temp_name = tempfile.mkstemp(
-            dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
-        )
-    except OSError as exc:
-        raise ConfigError(f"cannot write key fragment file {path}: {exc.strerror}") from exc
-    try:
-        with os.fdopen(descriptor, "wb") as file:  # mkstemp creates it with mode 0600
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        _move_into_place(temp_name, target, force=force)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
-    _sync_directory(target.parent)
-
-
-def _move_into_place(temp_name: str, target: Path, *, force: bool) -> None:
-    try:
-        if force:
-            os.replace(temp_name, target)
-        else:
-            os.link(temp_name, target)  # atomic, and fails if the target exists
+        write_atomically(target, text, replace=force)
     except FileExistsError as exc:
         raise ConflictError(f"key fragment file {target} already exists") from exc
     except OSError as exc:
-        raise LoaderError(f"cannot write key fragment file {target}: {exc.strerror}") from exc
-
-
-def _sync_directory(directory: Path) -> None:
-    # Makes the new directory entry durable; some file systems refuse, which is harmless.
-    with contextlib.suppress(OSError):
-        descriptor = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        raise ConfigError(f"cannot write key fragment file {path}: {exc.strerror}") from exc
 
 
 def encode_fragment_set(fragments: Sequence[bytes]) -> bytes:

@@ -30,7 +30,6 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import threading
 import time
 from collections import deque
@@ -44,6 +43,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from loguru import logger
 
 from agent import keys
+from agent.durable import write_atomically
 from agent.errors import (
     AuthError,
     BadCredentials,
@@ -183,27 +183,10 @@ def read_record(state_dir: Path) -> UnlockRecord | None:
 
 
 def write_record(state_dir: Path, record: UnlockRecord) -> None:
-    """Temp file + fsync + rename + directory fsync: a crash leaves the old record or the new."""
+    """Durable and atomic: a crash leaves the old record or the new one."""
     state_dir.mkdir(parents=True, exist_ok=True)
     data = json.dumps(record.to_json(), indent=2, sort_keys=True).encode("utf-8") + b"\n"
-    descriptor, temp_name = tempfile.mkstemp(
-        dir=state_dir, prefix=f".{RECORD_NAME}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_name, record_path(state_dir))
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
-    with contextlib.suppress(OSError):
-        directory = os.open(state_dir, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+    write_atomically(record_path(state_dir), data)
 
 
 def remove_stale_temp_files(state_dir: Path) -> None:
