@@ -260,8 +260,9 @@ class BigPartCache:
                 pending_size += len(chunk)
                 received += len(chunk)
                 if pending_size >= WRITE_BATCH:
-                    await asyncio.to_thread(partial.append, pending)
-                    pending, pending_size = [], 0
+                    # Taken out first: cancelled while its thread writes, it is not written twice.
+                    batch, pending, pending_size = pending, [], 0
+                    await asyncio.to_thread(partial.append, batch)
                 if received >= size:
                     break
         finally:

@@ -369,11 +369,20 @@ async def load(request: web.Request) -> web.StreamResponse:
         )
         response.content_length = resource.size
         await response.prepare(request)
-        if first:
-            await response.write(first)
-        async for chunk in resource:
-            await response.write(chunk)
-        await response.write_eof()
+        try:
+            if first:
+                await response.write(first)
+            async for chunk in resource:
+                await response.write(chunk)
+            await response.write_eof()
+        except ConnectionResetError:
+            logger.info("client went away during the load of {}/{}", folder, filename)
+        except errors.LoaderError as exc:
+            # The headers are out: cut the body short, so the client sees an incomplete answer
+            # (fewer bytes than Content-Length) rather than a JSON error inside the data.
+            logger.error("load of {}/{} failed mid-stream: {}", folder, filename, exc)
+            if request.transport is not None:
+                request.transport.close()
         return response
     finally:
         await resource.aclose()

@@ -331,3 +331,35 @@ def test_docker_engine_killed_mid_load_then_back(
     assert ready["state"] == "ready", ready
     client = late_dockerd.client()
     assert image_id in {image.id for image in client.images.list(all=True)}
+
+
+def test_load_from_a_cache_on_tmpfs_and_after_page_cache_eviction(
+    make_agent: MakeAgent, dev_api: DevApi, small_cache_dir: Path, agent_root: Path
+) -> None:
+    """Both read paths of a cached big part: the non-blocking read on the loop where the file
+    system supports it (not tmpfs), and the worker-thread read when data must come from disk."""
+    agent = make_agent(RESOURCE_API_URL=dev_api.url, MODEL_CACHE_DIR=str(small_cache_dir))
+    login = {"email": dev_api.email, "password": dev_api.password}
+    assert agent.request("POST", "/login", login).status == 200
+    data = os.urandom(MiB + 77)
+    source = agent_root / "m.bin"
+    source.write_bytes(data)
+    assert agent.cli("upload", str(source), "--folder", "models").returncode == 0
+    assert agent.request("POST", "/load/m.bin", {"folder": "models"}).body == data
+
+    disk_agent = make_agent(
+        RESOURCE_API_URL=dev_api.url,
+        LOADER_SOCKET_PATH=str(agent_root / "d.sock"),
+        MODEL_CACHE_DIR=str(agent_root / "diskcache"),
+    )
+    assert disk_agent.request("POST", "/login", login).status == 200
+    assert disk_agent.request("POST", "/load/m.bin", {"folder": "models"}).body == data
+    for path in (agent_root / "diskcache").rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    assert disk_agent.request("POST", "/load/m.bin", {"folder": "models"}).body == data

@@ -1,0 +1,522 @@
+"""Benchmark of ``POST /load`` through the agent's Unix socket (issue 4).
+
+    .venv/bin/python bench/bench_load_socket.py [--sizes-mib 100,1024] [--runs 5]
+
+A dev-api and a real agent (``python -m agent serve``, generated credentials, everything in a
+temporary directory, as scripts/run_local.py does) are started here. For each size a fresh
+agent is started (so its peak RSS is per size) and one resource is uploaded through its socket;
+then, in the same run and interleaved (medians of ``--runs``):
+
+1. raw AES-256-GCM decrypt of the same amount in memory, 64 KiB records: the raw-primitive
+   baseline of bench/bench_stream.py;
+2. reading the plaintext file (page-cached, 1 MiB reads): what any "load" costs at least;
+3. dev-api's raw CDN download of the big part (aiohttp GET, bytes discarded);
+4. a plain loop with no asyncio and no HTTP: read 1 MiB of records from a page-cached file,
+   decrypt them, send the plaintext 192 KiB at a time (fits the socket's default 208 KiB send
+   buffer; per chunk, one ``sendmsg`` per read and 1 MiB sends measured slower) over a Unix
+   socket to a process reading 1 MiB at a time. What the copies and the socket cost on top of
+   the AES on this machine; a ``/load`` near it has little overhead left to remove;
+5. ``/load`` over the socket, warm cache (the client reads 1 MiB at a time and discards);
+6. the same while a second process asks ``/health`` every few milliseconds (its latencies);
+7. ``/load``, cold cache, also probed: the cached big part is deleted first (the cache trusts
+   a file by its inode/size/mtime/ctime stamp, so a missing file is downloaded again).
+
+Before the timed runs one load is checked: byte count == size and SHA-256 == the plaintext's.
+"MiB/s" is wall-clock; "MiB/CPU-s" is per CPU second of the agent process (all threads; for the
+raw, read and CDN cases, of this process), which load from other processes disturbs less. The
+agent's peak RSS is ``VmHWM`` from ``/proc/<pid>/status``, reset (``clear_refs``) after the
+upload and before each case, so each figure is that of the loads alone.
+
+Goals: warm ``/load`` >= 0.7x the raw decrypt throughput (wall, or per CPU second when the
+machine is busy, as bench_resources.py counts it); the agent's peak RSS < 100 MiB at every size;
+``/health`` p99 < 20 ms while loading. Exit status 1 if one is missed. Not a test: the machine
+may be shared; use medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import http.client
+import json
+import os
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench_resources import DevApi, RawDecrypt, make_plaintext  # noqa: E402
+
+from agent import stream  # noqa: E402
+from agent.api_client import ResourceApiClient  # noqa: E402
+from agent.localclient import AgentClient  # noqa: E402
+
+MIB = 1 << 20
+READ_BLOCK = MIB  # the /load client and the plaintext read both take 1 MiB at a time
+WARM_RATIO_GOAL = 0.7
+RSS_GOAL_MIB = 100
+HEALTH_P99_GOAL_MS = 20.0
+PLAIN_SEND_CHUNKS = 3  # the plain loop's sends: 192 KiB
+PROBE_PAUSE = 0.005  # between /health probes: a steady trickle, not a flood
+START_TIMEOUT = 30.0
+FOLDER = "bench"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+Timing = dict[str, float]  # "seconds" (wall) and "cpu"
+
+
+# -- talking to the agent over its socket ----------------------------------------------------------
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float = 120.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(str(self._path))
+
+
+def socket_load(socket_path: Path, name: str, digest: Any = None) -> int:
+    """``POST /load/<name>``, the body read 1 MiB at a time into one buffer; the byte count."""
+    conn = UnixHTTPConnection(socket_path)
+    try:
+        body = json.dumps({"folder": FOLDER}).encode()
+        conn.request("POST", f"/load/{name}", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        if response.status != 200:
+            raise SystemExit(f"/load/{name} answered {response.status}: {response.read()!r}")
+        buffer = memoryview(bytearray(READ_BLOCK))
+        total = 0
+        while count := response.readinto(buffer):
+            total += count
+            if digest is not None:
+                digest.update(buffer[:count])
+        return total
+    finally:
+        conn.close()
+
+
+def health_once(socket_path: Path) -> float:
+    """Seconds for one ``GET /health`` on a new connection, as a local app would make it."""
+    start = time.perf_counter()
+    conn = UnixHTTPConnection(socket_path, timeout=10.0)
+    try:
+        conn.request("GET", "/health")
+        response = conn.getresponse()
+        response.read()
+        if response.status != 200:
+            raise RuntimeError(f"/health answered {response.status}")
+    finally:
+        conn.close()
+    return time.perf_counter() - start
+
+
+def probe_child(socket_path: Path) -> None:
+    """``--probe``: ask /health until stdin closes; print [[monotonic start, seconds], ...]."""
+    stop = threading.Event()
+
+    def wait_for_stdin_to_close() -> None:
+        sys.stdin.read()
+        stop.set()
+
+    threading.Thread(target=wait_for_stdin_to_close, daemon=True).start()
+    samples: list[tuple[float, float]] = []
+    print("ready", flush=True)
+    while not stop.is_set():
+        started = time.monotonic()
+        samples.append((started, health_once(socket_path)))
+        time.sleep(PROBE_PAUSE)
+    print(json.dumps(samples), flush=True)
+
+
+class HealthProbe:
+    """A separate process asking ``/health`` while a load runs (so its waits are the agent's,
+    not this process's)."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self._process = subprocess.Popen(
+            [sys.executable, __file__, "--probe", str(socket_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._process.stdout is not None
+        if self._process.stdout.readline().strip() != "ready":
+            raise SystemExit("the /health probe did not start")
+
+    def latencies(self, start: float, end: float) -> list[float]:
+        """Stop; the latencies (s) of the probes started between ``start`` and ``end``."""
+        out, _ = self._process.communicate("")
+        if self._process.returncode != 0:
+            raise SystemExit("the /health probe failed")
+        return [seconds for at, seconds in json.loads(out) if start <= at <= end]
+
+
+# -- the agent process -----------------------------------------------------------------------------
+
+
+@dataclass
+class Agent:
+    root: Path
+    api: DevApi
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        return self.root / "loader.sock"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    def start(self) -> Agent:
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith(("LOADER_", "AZAION_", "NOTIFY_", "WATCHDOG_", "LISTEN_"))
+        }
+        env.update(
+            RESOURCE_API_URL=self.api.url,
+            LOADER_SOCKET_PATH=str(self.socket_path),
+            LOADER_HTTP_PORT="0",
+            LOADER_STATE_DIR=str(self.root / "state"),
+            MODEL_CACHE_DIR=str(self.cache_dir),
+            IMAGES_PATH=str(self.root / "images.enc"),
+            LOADER_AUTO_UNLOCK="false",
+            AZAION_EMAIL=self.api.email,
+            AZAION_PASSWORD=self.api.password,
+        )
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / "agent.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "agent", "serve"], env=env, cwd=REPO, stdout=log, stderr=log
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self._serving():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise SystemExit(f"the agent did not start:\n{self.log()}")
+            time.sleep(0.05)
+        return self
+
+    def _serving(self) -> bool:
+        try:
+            health_once(self.socket_path)
+        except (OSError, RuntimeError, http.client.HTTPException):
+            return False
+        return True
+
+    def log(self) -> str:
+        return (self.root / "agent.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(30)
+
+    def _proc(self, name: str) -> Path:
+        assert self.process is not None
+        return Path(f"/proc/{self.process.pid}/{name}")
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of all its threads, living or gone."""
+        stat = self._proc("stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+
+    def memory_mib(self, field_name: str) -> float:
+        for line in self._proc("status").read_text().splitlines():
+            if line.startswith(f"{field_name}:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError(f"no {field_name} in /proc/<pid>/status")
+
+    def reset_peak_rss(self) -> bool:
+        """Start VmHWM afresh (Linux >= 4.0); False if the kernel refuses."""
+        try:
+            self._proc("clear_refs").write_text("5")
+        except OSError:
+            return False
+        return True
+
+    def drop_cached(self, big_name: str) -> None:
+        """Delete the cached big part (and any partial download): the next load fetches it."""
+        directory = self.cache_dir / FOLDER
+        for path in (directory / big_name, directory / f".{big_name}.part"):
+            path.unlink(missing_ok=True)
+
+
+# -- the cases -------------------------------------------------------------------------------------
+
+
+def process_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def read_plaintext(path: Path) -> Timing:
+    buffer = bytearray(READ_BLOCK)
+    wall, cpu = time.perf_counter(), process_cpu()
+    with path.open("rb", buffering=0) as file:
+        while file.readinto(buffer):
+            pass
+    return {"seconds": time.perf_counter() - wall, "cpu": process_cpu() - cpu}
+
+
+async def cdn_download(api: DevApi, big_name: str) -> Timing:
+    async with ResourceApiClient(api.url) as client:
+        client.set_credentials(api.email, api.password)
+        await client.login()
+        wall, cpu = time.perf_counter(), process_cpu()
+        async for _ in client.iter_big_part(FOLDER, big_name):
+            pass
+        return {"seconds": time.perf_counter() - wall, "cpu": process_cpu() - cpu}
+
+
+DRAIN = """
+import socket, sys
+sock = socket.socket(fileno=int(sys.argv[1]))
+sock.sendall(b"r")
+buffer = memoryview(bytearray(1 << 20))
+while sock.recv_into(buffer):
+    pass
+"""
+
+
+class PlainLoop:
+    """The least a Python server does per byte, with no asyncio and no HTTP: read 16 records at
+    a time from a (page-cached) file, AES-GCM-decrypt them, send their plaintext 3 chunks at a
+    time over a Unix socket to another process that reads 1 MiB at a time."""
+
+    def __init__(self, raw: RawDecrypt, path: Path) -> None:
+        self._raw, self._path = raw, path
+        path.write_bytes(raw.data)
+
+    def run(self) -> Timing:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with theirs:
+            reader = subprocess.Popen(
+                [sys.executable, "-c", DRAIN, str(theirs.fileno())], pass_fds=[theirs.fileno()]
+            )
+        record = stream.CHUNK_SIZE + stream.TAG_SIZE
+        buffer = bytearray(16 * record)
+        view = memoryview(buffer)
+        nonces = iter(self._raw.nonces)
+        with ours, self._path.open("rb", buffering=0) as file:
+            ours.recv(1)  # the reader is up: its start-up is not timed
+            wall, cpu = time.perf_counter(), process_cpu()
+            while count := file.readinto(buffer):
+                plaintexts = [
+                    self._raw.aead.decrypt(next(nonces), view[offset : offset + record], None)
+                    for offset in range(0, count, record)
+                ]
+                for first in range(0, len(plaintexts), PLAIN_SEND_CHUNKS):
+                    ours.sendall(b"".join(plaintexts[first : first + PLAIN_SEND_CHUNKS]))
+            ours.shutdown(socket.SHUT_WR)
+            cpu = process_cpu() - cpu
+            reader.wait()
+        return {"seconds": time.perf_counter() - wall, "cpu": cpu}
+
+
+def agent_load(agent: Agent, name: str, size: int, latencies: list[float] | None) -> Timing:
+    """One ``/load``, timed; with ``latencies``, /health is probed meanwhile and its latencies
+    (seconds) appended."""
+    probe = HealthProbe(agent.socket_path) if latencies is not None else None
+    start, wall, cpu = time.monotonic(), time.perf_counter(), agent.cpu_seconds()
+    received = socket_load(agent.socket_path, name)
+    timing = {"seconds": time.perf_counter() - wall, "cpu": agent.cpu_seconds() - cpu}
+    if probe is not None and latencies is not None:
+        latencies += probe.latencies(start, time.monotonic())
+    if received != size:
+        raise SystemExit(f"/load/{name} sent {received} bytes, not {size}")
+    return timing
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while block := file.read(READ_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -- one size --------------------------------------------------------------------------------------
+
+CASES = {
+    "raw": "raw AES-GCM decrypt (memory, 64 KiB)",
+    "read": "read plaintext file (1 MiB reads)",
+    "cdn": "dev-api raw CDN download",
+    "plain": "plain loop: read+decrypt+send, no HTTP",
+    "warm": "/load over socket, warm cache",
+    "warm_probed": "/load warm, /health probed",
+    "cold": "/load cold cache, /health probed",
+}
+
+
+@dataclass
+class SizeResult:
+    size_mib: int
+    upload_mib_s: float = 0.0
+    rss_idle_mib: float = 0.0
+    rss_upload_mib: float = 0.0
+    rss_reset: bool = True
+    wall: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in CASES})
+    cpu: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in CASES})
+    peak_rss_mib: dict[str, float] = field(default_factory=dict)
+    health: list[float] = field(default_factory=list)
+
+    def record(self, case: str, timing: Timing) -> None:
+        self.wall[case].append(self.size_mib / timing["seconds"])
+        self.cpu[case].append(self.size_mib / max(timing["cpu"], 1e-9))
+
+    def ratio(self, numbers: dict[str, list[float]], case: str, baseline: str) -> float:
+        """Median of per-run ratios (each run measures both, so they share the machine's load)."""
+        pairs = zip(numbers[case], numbers[baseline], strict=True)
+        return statistics.median(c / b for c, b in pairs)
+
+    def health_ms(self, quantile: float) -> float:
+        ordered = sorted(self.health)
+        return 1000 * ordered[min(len(ordered) - 1, int(quantile * len(ordered)))]
+
+
+def bench_size(api: DevApi, root: Path, size_mib: int, runs: int) -> SizeResult:
+    size, name = size_mib * MIB, f"model-{size_mib}"
+    result = SizeResult(size_mib)
+    source = root / f"{name}.plain"
+    make_plaintext(source, size)
+    agent = Agent(root / f"agent-{size_mib}", api).start()
+    try:
+        result.rss_idle_mib = agent.memory_mib("VmRSS")
+        wall = time.perf_counter()
+        uploaded = AgentClient(agent.socket_path, timeout=600).upload(source, FOLDER, name)
+        result.upload_mib_s = size_mib / (time.perf_counter() - wall)
+        result.rss_upload_mib = agent.memory_mib("VmHWM")
+        big_name = str(uploaded["big_sha256"])
+        check_one_load(agent, name, size, sha256_of(source))
+        raw = RawDecrypt(size)
+        plain = PlainLoop(raw, root / f"{name}.records")
+
+        def measured(case: str, action: Callable[[], Timing]) -> None:
+            result.rss_reset = agent.reset_peak_rss() and result.rss_reset
+            result.record(case, action())
+            peak = agent.memory_mib("VmHWM")
+            result.peak_rss_mib[case] = max(result.peak_rss_mib.get(case, 0.0), peak)
+
+        for run in range(runs):
+            print(f"  {size_mib} MiB: run {run + 1} of {runs}", file=sys.stderr, flush=True)
+            measured("raw", raw.run)
+            measured("read", lambda: read_plaintext(source))
+            measured("cdn", lambda: asyncio.run(cdn_download(api, big_name)))
+            measured("plain", plain.run)
+            measured("warm", lambda: agent_load(agent, name, size, None))
+            measured("warm_probed", lambda: agent_load(agent, name, size, result.health))
+            agent.drop_cached(big_name)
+            measured("cold", lambda: agent_load(agent, name, size, result.health))
+        del raw, plain
+    finally:
+        agent.stop()
+        source.unlink()
+        (root / f"{name}.records").unlink(missing_ok=True)
+    for case in ("raw", "read", "cdn", "plain"):  # not the agent's figures
+        result.peak_rss_mib.pop(case, None)
+    return result
+
+
+def check_one_load(agent: Agent, name: str, size: int, expected_sha256: str) -> None:
+    digest = hashlib.sha256()
+    received = socket_load(agent.socket_path, name, digest)
+    if received != size or digest.hexdigest() != expected_sha256:
+        raise SystemExit(f"/load/{name} sent {received} bytes that are not the plaintext")
+
+
+# -- the report ------------------------------------------------------------------------------------
+
+
+def report(results: list[SizeResult], runs: int) -> bool:
+    ok = True
+    for result in results:
+        print(
+            f"\n== {result.size_mib} MiB, median of {runs} runs (upload through the agent "
+            f"{result.upload_mib_s:.0f} MiB/s; agent RSS idle {result.rss_idle_mib:.0f} MiB, "
+            f"peak during upload {result.rss_upload_mib:.0f} MiB)"
+        )
+        print(f"  {'':<38} {'MiB/s':>7} {'MiB/CPU-s':>10} {'agent peak RSS':>15}")
+        for case, label in CASES.items():
+            wall = statistics.median(result.wall[case])
+            cpu = statistics.median(result.cpu[case])
+            peak = result.peak_rss_mib.get(case)
+            rss = f"{peak:11.0f} MiB" if peak is not None else ""
+            print(f"  {label:<38} {wall:7.0f} {cpu:10.0f} {rss:>15}")
+        warm_wall = result.ratio(result.wall, "warm", "raw")
+        warm_cpu = result.ratio(result.cpu, "warm", "raw")
+        print(
+            f"  warm /load / raw decrypt: {warm_wall:.2f}x wall, {warm_cpu:.2f}x per CPU-s "
+            f"(goal >= {WARM_RATIO_GOAL}x)"
+        )
+        print(
+            f"  warm /load / plain loop: {result.ratio(result.wall, 'warm', 'plain'):.2f}x wall, "
+            f"{result.ratio(result.cpu, 'warm', 'plain'):.2f}x per CPU-s; plain loop / raw "
+            f"decrypt: {result.ratio(result.wall, 'plain', 'raw'):.2f}x wall"
+        )
+        print(
+            f"  warm /load / read plaintext: {result.ratio(result.wall, 'warm', 'read'):.2f}x; "
+            f"cold /load / CDN download: {result.ratio(result.wall, 'cold', 'cdn'):.2f}x (wall)"
+        )
+        p50, p99 = result.health_ms(0.5), result.health_ms(0.99)
+        print(
+            f"  /health while loading: p50 {p50:.1f} ms, p99 {p99:.1f} ms, max "
+            f"{1000 * max(result.health):.1f} ms over {len(result.health)} probes "
+            f"(goal p99 < {HEALTH_P99_GOAL_MS:.0f} ms)"
+        )
+        if not result.rss_reset:
+            print("  (the kernel refused to reset VmHWM: peaks include the upload)")
+        ok = ok and max(warm_wall, warm_cpu) >= WARM_RATIO_GOAL
+        ok = ok and all(peak < RSS_GOAL_MIB for peak in result.peak_rss_mib.values())
+        ok = ok and p99 < HEALTH_P99_GOAL_MS
+    return ok
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes-mib", default="100,1024", help="comma-separated (100,1024)")
+    parser.add_argument("--runs", type=int, default=5, help="runs per case (default 5)")
+    parser.add_argument("--dir", type=Path, default=None, help="scratch directory (/tmp)")
+    parser.add_argument("--probe", type=Path, help=argparse.SUPPRESS)  # the /health prober
+    args = parser.parse_args()
+    if args.probe is not None:
+        probe_child(args.probe)
+        return 0
+    sizes = [int(size) for size in args.sizes_mib.split(",")]
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}")
+    # A short directory: a Unix socket path must fit in 108 bytes.
+    root = Path(tempfile.mkdtemp(prefix=f"bls-{secrets.token_hex(2)}-", dir=args.dir or "/tmp"))
+    api = DevApi(root)
+    try:
+        results = [bench_size(api, root, size, args.runs) for size in sizes]
+    finally:
+        api.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    ok = report(results, args.runs)
+    print(f"\ngoals: {'met' if ok else 'MISSED'}; load average now {os.getloadavg()[0]:.1f}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
