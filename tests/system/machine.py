@@ -30,14 +30,15 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+
+from tests.fixtures.agent import wait_for
 
 SUITE = "bookworm"
 VARIANT = "minbase"
@@ -54,7 +55,6 @@ BOOT_TIMEOUT = 60.0
 SHUTDOWN_TIMEOUT = 60.0
 COMMAND_TIMEOUT = 120.0
 DEBOOTSTRAP_TIMEOUT = 1200.0
-POLL_INTERVAL = 0.1
 # `systemctl reboot` inside a container makes nspawn exit with this status.
 EXIT_REBOOT = 133
 INSIDE_ENV = {
@@ -64,8 +64,6 @@ INSIDE_ENV = {
     "SYSTEMD_PAGER": "",
     "TERM": "dumb",
 }
-
-T = TypeVar("T")
 
 
 def require(problems: Sequence[str], install: str) -> None:
@@ -97,18 +95,6 @@ def require_deb_build_tools() -> None:
     if venv.returncode != 0:
         problems.append("/usr/bin/python3 cannot make a virtual environment")
     require(problems, "python3-venv dpkg-dev binutils")
-
-
-def wait_for(predicate: Callable[[], T | None], timeout: float, what: str) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail naming ``what`` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(POLL_INTERVAL)
 
 
 # -- the cached root file system --------------------------------------------------------------
