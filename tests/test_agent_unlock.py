@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.agent import REPO, AgentProcess
-from tests.fixtures.archive import pack_with_cli, serve_fragment
+from tests.fixtures.archive import publish, serve_fragment
 from tests.fixtures.devapi import DevApi
 from tests.fixtures.dockerd import Dockerd, import_image
 from tests.test_notify import NotifyListener
@@ -29,10 +29,8 @@ pytestmark = pytest.mark.docker
 def packed_archive(dockerd: Dockerd, dev_api: DevApi, agent_root: Path) -> tuple[Path, str, str]:
     ref = f"azaion/boot-{secrets.token_hex(4)}:1.0"
     image_id = import_image(dockerd.client, ref)
-    archive, fragment = pack_with_cli(dockerd.host, [ref], agent_root)
     # The device gets the archive; the API gets the fragment; the engine forgets the image.
-    serve_fragment(dev_api, fragment)
-    dockerd.client.images.remove(image_id, force=True)
+    archive = publish(dockerd, dev_api, ref, image_id, agent_root)
     return archive, ref, image_id
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from agent.localclient import _UnixConnection
 from tests.fixtures.agent import AgentProcess, wait_for
-from tests.fixtures.archive import pack_with_cli, serve_fragment
+from tests.fixtures.archive import publish
 from tests.fixtures.devapi import DevApi
 from tests.fixtures.dockerd import Dockerd, DockerDaemon, import_big_image, import_image
 
@@ -60,9 +60,7 @@ def small_archive(
 ) -> Iterator[tuple[Path, str]]:
     ref = f"azaion/fault-{secrets.token_hex(4)}:1.0"
     image_id = import_image(dockerd.client, ref)
-    archive, fragment = pack_with_cli(dockerd.host, [ref], agent_root)
-    serve_fragment(dev_api, fragment)
-    dockerd.client.images.remove(image_id, force=True)
+    archive = publish(dockerd, dev_api, ref, image_id, agent_root)
     yield archive, image_id
 
 
@@ -108,9 +106,7 @@ def big_archive(dockerd: Dockerd, dev_api: DevApi, agent_root: Path) -> tuple[Pa
     """An archive large enough that a test can act while it loads (96 MiB layer)."""
     ref = f"azaion/fault-big-{secrets.token_hex(4)}:1.0"
     image_id = import_big_image(dockerd.client, ref, 96 * MiB)
-    archive, fragment = pack_with_cli(dockerd.host, [ref], agent_root)
-    serve_fragment(dev_api, fragment)
-    dockerd.client.images.remove(image_id, force=True)
+    archive = publish(dockerd, dev_api, ref, image_id, agent_root)
     return archive, image_id
 
 
