@@ -6,15 +6,29 @@ errors, timeouts, 5xx, 429 with ``Retry-After``) through ``agent.retry``; every 
 own timeout. Foreign errors (aiohttp, OS) are translated here, in ``translate_error``, into the
 ``agent.errors`` classes, with messages that name the upstream ("Resource API", "CDN") and never
 the token or the password.
+
+Nothing upstream is trusted (docs/security.md, "Hostile upstream"):
+
+- no redirect is followed, on any endpoint: a 3xx is a 502 naming the upstream, so a request
+  that carries the password or the token never goes to another origin or a weaker scheme; no
+  cookie is kept; bodies are never decompressed;
+- error messages name the upstream, the operation and the status, never upstream-supplied text
+  (a bounded, escaped excerpt of an error body may go to the debug log, never of a login);
+- every answer is read with a size bound and parsed with bounds (``parse_json``) and checked
+  against the contract before use; anything else is ``UpstreamError`` (502);
+- every transfer has a deadline; big parts also a minimum throughput (``TransferGuard``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import hashlib
 import json
+import math
 import random
+import re
 import ssl
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
@@ -42,7 +56,7 @@ from agent.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from agent.logs import register_secret
+from agent.logs import quote, register_secret
 from agent.retry import RetryPolicy, Sleep, retry_call
 from agent.settings import is_loopback
 
@@ -54,7 +68,102 @@ CHUNK = 256 * 1024
 MAX_SMALL_PART_BYTES = 4 * 1024 * 1024  # the API stores at most 1 MiB; anything far above is junk
 MAX_JSON_BYTES = 64 * 1024
 TOKEN_EARLY_RENEWAL = 30.0  # seconds before expiry a token is treated as expired (at most)
-_SERVER_MESSAGE_LENGTH = 200
+MAX_JSON_DEPTH = 16  # the contract's answers are flat objects
+MAX_TOKEN_LENGTH = 4096
+MAX_TOKEN_LIFETIME = 366 * 24 * 3600.0
+MAX_URL_LENGTH = 2048
+# RFC 6750 b64token: what may follow "Bearer " in a header, and nothing else (no CR/LF).
+TOKEN_PATTERN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)")
+_EXCERPT_LENGTH = 200
+
+
+@dataclass(frozen=True)
+class TransferLimits:
+    """Bounds on one upstream transfer of a big part, over all its attempts and resumptions:
+    at least ``min_rate`` bytes/s in every ``window`` seconds (0: no minimum), and done within
+    ``deadline`` seconds (settings ``LOADER_UPSTREAM_*``)."""
+
+    min_rate: int = 16 * 1024
+    window: float = 30.0
+    deadline: float = 3600.0
+
+
+class TransferGuard:
+    """Ends a transfer that is too slow or takes too long with ``UpstreamTimeout`` (504)."""
+
+    def __init__(
+        self,
+        limits: TransferLimits,
+        upstream: str,
+        what: str,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._limits = limits
+        self._where = f"the {upstream}"
+        self._what = what
+        self._clock = clock
+        now = clock()
+        self._deadline_at = now + limits.deadline
+        self._window_start = now
+        self._window_bytes = 0
+
+    def time_left(self) -> float:
+        """Seconds until the next check must happen even if no byte arrives."""
+        end = self._deadline_at
+        if self._limits.min_rate:
+            end = min(end, self._window_start + self._limits.window)
+        return max(0.0, end - self._clock())
+
+    def count(self, received: int) -> None:
+        """Account for ``received`` bytes (0 when a wait ran out); raise if the transfer is
+        past its deadline or below its minimum rate over a full window."""
+        now = self._clock()
+        limits = self._limits
+        if now >= self._deadline_at:
+            raise UpstreamTimeout(
+                f"{self._where} did not deliver the {self._what} within "
+                f"{limits.deadline:.0f} s (LOADER_UPSTREAM_DEADLINE)"
+            )
+        self._window_bytes += received
+        if limits.min_rate and now - self._window_start >= limits.window:
+            if self._window_bytes < limits.min_rate * limits.window:
+                raise UpstreamTimeout(
+                    f"{self._where} sent the {self._what} slower than {limits.min_rate} bytes/s "
+                    f"over {limits.window:.0f} s (LOADER_UPSTREAM_MIN_RATE)"
+                )
+            self._window_start, self._window_bytes = now, 0
+
+    async def watch(self, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+        """``chunks``, each awaited no longer than the guard allows."""
+        iterator = aiter(chunks)
+        # The next chunk is awaited in a task of its own: a check that falls due while it is
+        # pending must not cancel it (that would break the iterator off mid-read).
+        pending: asyncio.Future[bytes] | None = None
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(iterator))
+                done, _ = await asyncio.wait((pending,), timeout=self.time_left())
+                if not done:
+                    self.count(0)  # raises unless the window was met already
+                    continue
+                try:
+                    chunk = pending.result()
+                except StopAsyncIteration:
+                    return
+                finally:
+                    pending = None
+                self.count(len(chunk))
+                yield chunk
+        finally:
+            if pending is not None:
+                pending.cancel()
+                await asyncio.gather(pending, return_exceptions=True)
+            close = getattr(iterator, "aclose", None)
+            if close is not None:
+                await close()
 
 
 class UpstreamThrottled(UpstreamUnavailable):
@@ -117,6 +226,7 @@ class ResourceApiClient:
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        limits: TransferLimits | None = None,
     ) -> None:
         try:
             self._base = URL(base_url.rstrip("/"))
@@ -130,8 +240,9 @@ class ResourceApiClient:
         self._small_timeout = aiohttp.ClientTimeout(
             total=request_timeout, sock_connect=connect_timeout
         )
+        self.limits = limits or TransferLimits()
         self._big_timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=connect_timeout, sock_read=read_timeout
+            total=self.limits.deadline, sock_connect=connect_timeout, sock_read=read_timeout
         )
         self._sleep = sleep
         self._rng = rng or random.Random()
@@ -161,7 +272,12 @@ class ResourceApiClient:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(raise_for_status=False)
+            self._session = aiohttp.ClientSession(
+                raise_for_status=False,
+                cookie_jar=aiohttp.DummyCookieJar(),  # no upstream state rides along
+                auto_decompress=False,  # no decompression bombs; the contract has no encoding
+                headers={"Accept-Encoding": "identity"},
+            )
             self._owns_session = True
         return self._session
 
@@ -196,11 +312,11 @@ class ResourceApiClient:
         if email is None and password is None:
             credentials = self._stored_credentials()
         elif email is not None and password is not None:
-            register_secret(password)
             credentials = (email, password)
         else:
             raise NotAuthenticated("give both email and password to log in")
         token = await self._retrying(lambda: self._login_once(credentials), RESOURCE_API)
+        register_secret(credentials[1])  # accepted: from now on scrubbed from every line
         self._credentials = credentials
         self._token = token
 
@@ -224,21 +340,29 @@ class ResourceApiClient:
         return self._accept_login(answer)
 
     def _accept_login(self, answer: Any) -> _Token:
-        try:
-            token, lifetime = answer["token"], float(answer["expires_in"])
-            cdn_url = answer.get("cdn_url")
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise UpstreamError("the Resource API sent a login answer without a token") from exc
-        if not (isinstance(token, str) and token and lifetime > 0):
+        """Check a login answer against the contract before using any of it."""
+        if not isinstance(answer, dict):
+            raise UpstreamError("the Resource API sent a login answer that is not a JSON object")
+        token, lifetime, cdn_url = (answer.get(k) for k in ("token", "expires_in", "cdn_url"))
+        if not (
+            isinstance(token, str)
+            and len(token) <= MAX_TOKEN_LENGTH
+            and TOKEN_PATTERN.fullmatch(token)
+        ):
             raise UpstreamError("the Resource API sent a login answer without a usable token")
-        if not isinstance(cdn_url, str) or not cdn_url:
-            raise UpstreamError("the Resource API's login answer does not name the CDN")
+        if (
+            isinstance(lifetime, bool)
+            or not isinstance(lifetime, int | float)
+            or not 0 < lifetime <= MAX_TOKEN_LIFETIME
+        ):
+            raise UpstreamError("the Resource API sent a login answer with an unusable expires_in")
         register_secret(token)
-        cdn = self._base.join(URL(cdn_url.rstrip("/")))
+        cdn = _contract_url(cdn_url, self._base)
         if cdn.scheme != "https" and not (cdn.scheme == "http" and is_loopback(cdn.host or "")):
             # The CDN sees the token on uploads: never send it in the clear off this machine.
             raise UpstreamError("the Resource API named a CDN that is not https://; refused")
         self._cdn_url = cdn
+        lifetime = float(lifetime)
         early = min(TOKEN_EARLY_RENEWAL, lifetime / 10)
         return _Token(token, self._clock() + lifetime - early)
 
@@ -364,12 +488,15 @@ class ResourceApiClient:
         sent: list[bool] = []
 
         def make_body() -> AsyncIterable[bytes]:
+            # The CDN must take the body at the least rate too: a reader that drips holds the
+            # upload's caller (the deadline also bounds the whole request).
+            guard = TransferGuard(self.limits, CDN, f"upload of big part {folder}/{name}")
             if isinstance(body, Path):
-                return _file_chunks(body)
+                return guard.watch(_file_chunks(body))
             if sent:
                 raise UpstreamUnavailable("the CDN upload failed and its body cannot be sent again")
             sent.append(True)
-            return body
+            return guard.watch(body)
 
         call = _Call(
             CDN,
@@ -385,6 +512,18 @@ class ResourceApiClient:
         stored = await self._exchange(call, _read_stored_part, policy=once)
         _check_stored(call, stored, size, sha256)
         return stored
+
+    async def delete_big_part(self, folder: str, name: str) -> None:
+        """Remove a big part from the CDN (an upload's orphan); one already gone is fine."""
+        call = _Call(
+            CDN,
+            f"big part {folder}/{name}",
+            "DELETE",
+            await self._cdn_base() / folder / name,
+            authed=True,
+        )
+        with contextlib.suppress(UpstreamNotFound):
+            await self._exchange(call, _read_nothing)
 
     # -- the request machinery ---------------------------------------------------------------
 
@@ -435,7 +574,9 @@ class ResourceApiClient:
                     headers=headers,
                     data=call.body() if call.body is not None else None,
                     timeout=self._big_timeout if call.streaming else self._small_timeout,
-                    allow_redirects=not call.authed,  # never carry the token elsewhere
+                    # No endpoint follows a redirect: the login carries the password, the
+                    # others the token, and a big part's GET has no need (docs/security.md).
+                    allow_redirects=False,
                 )
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 raise translate_error(exc, call) from exc
@@ -464,6 +605,10 @@ async def _keep_open(call: _Call, response: aiohttp.ClientResponse) -> aiohttp.C
     return response
 
 
+async def _read_nothing(call: _Call, response: aiohttp.ClientResponse) -> None:
+    await _read_limited(call, response, MAX_JSON_BYTES)  # drained, so the connection is reused
+
+
 async def _read_limited(call: _Call, response: aiohttp.ClientResponse, limit: int) -> bytes:
     if response.content_length is not None and response.content_length > limit:
         raise UpstreamError(f"the {call.upstream} sent more than the {limit} bytes expected")
@@ -478,21 +623,81 @@ async def _read_limited(call: _Call, response: aiohttp.ClientResponse, limit: in
 async def _read_json(call: _Call, response: aiohttp.ClientResponse) -> Any:
     raw = await _read_limited(call, response, MAX_JSON_BYTES)
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
+        return parse_json(raw)
+    except ValueError as exc:
         raise UpstreamError(
-            f"the {call.upstream} sent an answer that is not JSON ({call.what})"
+            f"the {call.upstream} sent an answer that is not JSON within bounds ({call.what})"
         ) from exc
 
 
+def parse_json(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Parse upstream JSON with bounds: UTF-8, nesting at most ``max_depth`` (checked before
+    the parser recurses), no NaN or Infinity. ``ValueError`` for anything else."""
+    text = raw.decode("utf-8")  # UnicodeDecodeError is a ValueError
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:  # a scan of at most MAX_JSON_BYTES characters
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > max_depth:
+                raise ValueError(f"JSON nested deeper than {max_depth}")
+        elif char in "]}":
+            depth -= 1
+    return json.loads(text, parse_constant=_refuse_constant)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _contract_url(value: object, base: URL) -> URL:
+    """The login answer's ``cdn_url``, resolved against the API's base URL."""
+    if (
+        not isinstance(value, str)
+        or not value
+        or len(value) > MAX_URL_LENGTH
+        or not value.isprintable()
+        or not value.isascii()
+    ):
+        raise UpstreamError("the Resource API's login answer does not name the CDN usably")
+    try:
+        cdn = base.join(URL(value.rstrip("/")))
+    except (TypeError, ValueError) as exc:
+        raise UpstreamError(
+            "the Resource API's login answer names a CDN URL that is not valid"
+        ) from exc
+    if cdn.scheme not in ("http", "https") or not cdn.host or cdn.user or cdn.password:
+        raise UpstreamError("the Resource API's login answer names a CDN URL that is not valid")
+    return cdn
+
+
 async def _read_stored_part(call: _Call, response: aiohttp.ClientResponse) -> StoredPart:
+    """The server's receipt: ``size`` and ``sha256`` are optional, but checked when there."""
     answer = await _read_json(call, response)
-    size = answer.get("size") if isinstance(answer, dict) else None
-    digest = answer.get("sha256") if isinstance(answer, dict) else None
-    return StoredPart(
-        size=size if isinstance(size, int) else -1,
-        sha256=digest if isinstance(digest, str) else None,
-    )
+    if not isinstance(answer, dict):
+        raise UpstreamError(
+            f"the {call.upstream} sent a receipt that is not an object ({call.what})"
+        )
+    size, digest = answer.get("size"), answer.get("sha256")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+        raise UpstreamError(
+            f"the {call.upstream} sent a receipt with an unusable size ({call.what})"
+        )
+    if digest is not None and not (isinstance(digest, str) and SHA256_HEX.fullmatch(digest)):
+        raise UpstreamError(
+            f"the {call.upstream} sent a receipt with an unusable sha256 ({call.what})"
+        )
+    return StoredPart(size=-1 if size is None else size, sha256=digest)
 
 
 def _check_stored(call: _Call, stored: StoredPart, size: int, sha256: str | None) -> None:
@@ -513,9 +718,8 @@ def _bytes_to_skip(call: _Call, response: aiohttp.ClientResponse, offset: int) -
     """How much of the body precedes ``offset``: all of it if the server ignored Range."""
     if response.status == 200:
         return offset
-    content_range = response.headers.get("Content-Range", "")
-    start = content_range.removeprefix("bytes ").partition("-")[0]
-    if response.status != 206 or not start.isdigit() or int(start) != offset:
+    match = CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
+    if response.status != 206 or match is None or int(match[1]) != offset:
         raise UpstreamError(f"the {call.upstream} answered a ranged request wrongly ({call.what})")
     return 0
 
@@ -529,16 +733,21 @@ async def _raise_for_status(
     status = response.status
     if 200 <= status < 300:
         return
-    detail = await _server_message(call, response)
-    raise status_error(call, status, response.headers.get("Retry-After"), relogged, detail)
+    if not call.login:  # a login's answer may echo the password: never logged
+        await _log_excerpt(call, response)
+    raise status_error(call, status, response.headers.get("Retry-After"), relogged)
 
 
-def status_error(
-    call: _Call, status: int, retry_after: str | None, relogged: bool, detail: str
-) -> LoaderError:
-    """The agent's error for an upstream's HTTP error status (docs/resource-api.md)."""
+def status_error(call: _Call, status: int, retry_after: str | None, relogged: bool) -> LoaderError:
+    """The agent's error for an upstream's HTTP error status (docs/resource-api.md). It names
+    the upstream, the operation and the status; never anything the upstream wrote."""
     where = f"the {call.upstream}"
-    suffix = f" ({call.what}){detail}"
+    suffix = f" ({call.what})"
+    if 300 <= status < 400:
+        return UpstreamError(
+            f"{where} answered with a redirect (HTTP {status}){suffix}; this agent follows no "
+            f"redirects"
+        )
     if call.login and status in (401, 403):
         return BadCredentials(f"{where} refused the email or password (HTTP {status})")
     if status == 401:
@@ -564,17 +773,21 @@ def status_error(
     return UpstreamError(f"{where} answered HTTP {status}{suffix}")
 
 
-async def _server_message(call: _Call, response: aiohttp.ClientResponse) -> str:
-    """The ``message`` of a JSON error body, shortened; empty if there is none."""
+async def _log_excerpt(call: _Call, response: aiohttp.ClientResponse) -> None:
+    """A bounded, escaped excerpt of an error body in the debug log (for diagnosis only; it
+    never reaches a caller)."""
     try:
-        answer = json.loads(await _read_limited(call, response, MAX_JSON_BYTES))
-        message = answer["message"]
-    except (LoaderError, aiohttp.ClientError, ValueError, KeyError, TypeError, OSError):
-        return ""  # includes TimeoutError: the status says enough
-    if not isinstance(message, str):
-        return ""
-    printable = "".join(c for c in message if c.isprintable())[:_SERVER_MESSAGE_LENGTH]
-    return f": {printable}" if printable else ""
+        raw = await response.content.read(_EXCERPT_LENGTH)
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        return
+    if raw:
+        logger.debug(
+            "{} answered HTTP {} ({}); body starts {}",
+            call.upstream,
+            response.status,
+            call.what,
+            quote(raw.decode("utf-8", "replace"), _EXCERPT_LENGTH),
+        )
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
@@ -583,9 +796,11 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -610,7 +825,9 @@ def translate_error(exc: BaseException, call: _Call) -> LoaderError:
         return UpstreamTimeout(f"{where} did not answer in time ({call.what})")
     if isinstance(exc, aiohttp.ClientConnectorError):
         reason = exc.os_error.strerror or type(exc.os_error).__name__
-        return UpstreamUnavailable(f"cannot reach {where} at {exc.host}:{exc.port}: {reason}")
+        # The Resource API's address is the operator's setting; the CDN's came from upstream.
+        at = f" at {exc.host}:{exc.port}" if call.upstream == RESOURCE_API else ""
+        return UpstreamUnavailable(f"cannot reach {where}{at} ({call.what}): {reason}")
     if isinstance(exc, aiohttp.ClientPayloadError):
         return UpstreamUnavailable(f"{where} cut the answer short ({call.what})")
     if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientConnectionError | OSError):

@@ -11,6 +11,10 @@ hashed again. What this cannot see (a bit flip behind the file system's back) th
 still catches, chunk by chunk, and ``forget`` drops the file.
 
 Concurrent requests for one part share one download (``fetch`` is single-flight per part).
+A download stops when the last caller waiting for it has gone (its partial file stays, to be
+resumed); one that fails for good drops its partial file. Before a download starts, the free
+space of the cache's file system must hold what is still missing plus ``FREE_SPACE_RESERVE``,
+else ``CacheError`` (507) says how much is free and how much is needed.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pathlib import Path
 
 from loguru import logger
 
+from agent.defaults import NAME_MAX_LENGTH
 from agent.errors import (
     InvalidName,
     LoaderError,
@@ -37,9 +42,10 @@ from agent.errors import (
 )
 from agent.retry import RetryPolicy, Sleep, retry_call
 
-SAFE_COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")
+SAFE_COMPONENT = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._+-]{{0,{NAME_MAX_LENGTH - 1}}}")
 HASH_READ_SIZE = 1024 * 1024
 WRITE_BATCH = 1024 * 1024
+FREE_SPACE_RESERVE = 64 * 1024 * 1024  # left free for the system (at most 5% of the disk)
 
 Downloader = Callable[[int], AsyncIterator[bytes]]
 """Yields a part's bytes from the given offset on (the CDN, through the API client)."""
@@ -135,6 +141,7 @@ class BigPartCache:
         self._sleep = sleep
         self._verified: dict[Path, _Stamp] = {}
         self._inflight: dict[Path, asyncio.Task[Path]] = {}
+        self._waiting: dict[Path, int] = {}  # callers awaiting each download in flight
         self._sweep_abandoned_uploads()
 
     def path(self, folder: str, name: str) -> Path:
@@ -161,8 +168,18 @@ class BigPartCache:
             task = asyncio.create_task(self._ensure(path, size, sha256, download))
             self._inflight[path] = task
             task.add_done_callback(lambda done: self._finished(path, done))
-        # A caller that goes away (client disconnected) does not cancel the others' download.
-        return await asyncio.shield(task)
+        self._waiting[path] = self._waiting.get(path, 0) + 1
+        try:
+            # A caller that goes away (client disconnected) does not cancel the others'
+            # download; the last one to go does.
+            return await asyncio.shield(task)
+        finally:
+            self._waiting[path] -= 1
+            if not self._waiting[path]:
+                del self._waiting[path]
+                if not task.done():
+                    logger.info("nobody waits for big part {} any more: download stopped", name)
+                    task.cancel()
 
     def _finished(self, path: Path, task: asyncio.Task[Path]) -> None:
         if self._inflight.get(path) is task:
@@ -175,6 +192,18 @@ class BigPartCache:
             return path
         self._directory(path.parent.name)
         partial = _Partial(path.with_name(f".{path.name}.part"))
+        try:
+            return await self._download_verified(path, partial, size, sha256, download)
+        except asyncio.CancelledError:
+            raise  # shutdown or nobody waits: the partial file stays, to be resumed
+        except BaseException:
+            partial.drop()  # failed for good: nothing may pile up on the disk
+            raise
+
+    async def _download_verified(
+        self, path: Path, partial: _Partial, size: int, sha256: bytes, download: Downloader
+    ) -> Path:
+        self._check_free_space(path, size - partial.size)
         for fresh_start in (False, True):
             if fresh_start:
                 logger.warning("big part {} from the CDN did not match; refetching", path.name)
@@ -193,6 +222,20 @@ class BigPartCache:
             f"the CDN served big part {path.parent.name}/{path.name} with content that does not "
             f"match its record (length or SHA-256), twice"
         )
+
+    def _check_free_space(self, path: Path, missing: int) -> None:
+        """Refuse early (507, with the numbers) a download the disk cannot hold."""
+        try:
+            fs = os.statvfs(path.parent)
+        except OSError as exc:
+            raise CacheError(f"cannot check free space in {self.root}: {exc.strerror}") from exc
+        free = fs.f_bavail * fs.f_frsize
+        reserve = min(FREE_SPACE_RESERVE, fs.f_blocks * fs.f_frsize // 20)
+        if missing + reserve > free:
+            raise CacheError(
+                f"the model cache in {self.root} has {free} bytes free; {path.parent.name}/"
+                f"{path.name} needs {missing} more (and {reserve} stay free)"
+            )
 
     async def _is_intact(self, path: Path, size: int, sha256: bytes) -> bool:
         try:

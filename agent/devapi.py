@@ -28,11 +28,11 @@ from typing import Any
 from aiohttp import web
 from loguru import logger
 
-from agent.defaults import DEFAULT_MAX_BIG_BYTES, DEFAULT_MAX_SMALL_BYTES
+from agent.defaults import DEFAULT_MAX_BIG_BYTES, DEFAULT_MAX_SMALL_BYTES, NAME_MAX_LENGTH
 from agent.errors import ConfigError
 
 SERVER_BANNER = "azaion-dev-api (NOT FOR PRODUCTION)"
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")
+SAFE_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._+-]{{0,{NAME_MAX_LENGTH - 1}}}")
 CHUNK = 256 * 1024
 
 STATS_LOG_LENGTH = 1000
@@ -403,6 +403,16 @@ async def put_big_part(request: web.Request) -> web.StreamResponse:
     return await store_body(request, path, request.app[CONFIG].max_big_bytes)
 
 
+async def delete_big_part(request: web.Request) -> web.StreamResponse:
+    request.app[TOKENS].check(request.headers.get("Authorization"))
+    path = part_path(request, "cdn")
+    try:
+        path.unlink()
+    except FileNotFoundError as exc:
+        raise Refusal(404, "not_found", "no such part") from exc
+    return web.Response(status=204)
+
+
 async def serve_file(request: web.Request, path: Path, *, ranged: bool) -> web.StreamResponse:
     try:
         size = path.stat().st_size
@@ -534,6 +544,7 @@ def create_app(config: DevApiConfig) -> web.Application:
     app.router.add_get("/binary-split/key-fragment", get_key_fragment, allow_head=False)
     app.router.add_get("/cdn/{folder}/{name}", get_big_part, allow_head=False)
     app.router.add_put("/cdn/{folder}/{name}", put_big_part)
+    app.router.add_delete("/cdn/{folder}/{name}", delete_big_part)
     app.router.add_post("/_dev/faults", arm_fault)
     app.router.add_delete("/_dev/faults", clear_faults)
     app.router.add_get("/_dev/stats", get_stats, allow_head=False)

@@ -6,6 +6,7 @@
     |   +-- InvalidName             unsafe filename/folder (traversal, control chars)
     |   +-- ForbiddenRequest        foreign Host / Origin (DNS rebinding, CSRF guard)
     |   +-- PayloadTooLarge         body over the configured limit
+    |   +-- RequestTimeout          the request body stalled (LOADER_BODY_TIMEOUT)
     +-- NotFoundError               no such resource / archive / endpoint
     +-- ConflictError               the operation clashes with the current state
     +-- NotImplementedYet           routed, not built yet
@@ -64,6 +65,10 @@ class ForbiddenRequest(RequestError):
 
 
 class PayloadTooLarge(RequestError):
+    pass
+
+
+class RequestTimeout(RequestError):
     pass
 
 

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from agent import __version__
-from agent.schemas import NAME_MAX_LENGTH, NAME_PATTERN
+from agent.defaults import NAME_MAX_LENGTH
+from agent.schemas import NAME_PATTERN
 from agent.server import LOOPBACK_AUTHORITY, SAFE_NAME_RULE
 
 if TYPE_CHECKING:

@@ -29,10 +29,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from loguru import logger
+
 from agent import keys, stream
-from agent.api_client import BodyInterrupted, RangeNotSatisfiable, ResourceApiClient
+from agent.api_client import (
+    CDN,
+    BodyInterrupted,
+    RangeNotSatisfiable,
+    ResourceApiClient,
+    TransferGuard,
+)
 from agent.cache import BigPartCache, RangeRefused, Spool, check_component
-from agent.errors import StreamError, UpstreamError
+from agent.errors import LoaderError, StreamError, TruncatedError, UpstreamError
 
 READ_SIZE = 1024 * 1024  # ciphertext per read: a record split between reads costs a copy
 # Plaintext per __anext__: 192 KiB fits a Unix socket's default send buffer (208 KiB), so the
@@ -118,8 +126,13 @@ class UploadResult:
 class ResourceStore:
     """Uploads and loads resources through the Resource API, the CDN and the big-part cache."""
 
-    def __init__(self, api: ResourceApiClient, cache_dir: Path) -> None:
+    def __init__(
+        self, api: ResourceApiClient, cache_dir: Path, *, max_resource_bytes: int = 16 << 30
+    ) -> None:
+        """``max_resource_bytes``: the largest big part a small part may claim (setting
+        ``LOADER_MAX_RESOURCE_BYTES``); more is a 502 before anything is downloaded."""
         self._api = api
+        self._max_big_size = max_resource_bytes
         # Opening a download is retried by the client; resuming one that broke off, here.
         self._cache = BigPartCache(cache_dir, policy=api.policy, resumable=(BodyInterrupted,))
 
@@ -147,16 +160,33 @@ class ResourceStore:
                 small_fragment, spool.sha256.hex(), spool.size, spool.sha256, bytes(splitter.head)
             )
             big_path = self._cache.commit(spool, folder, small.big_name)
+        stored_big = False
         try:
             await self._api.put_big_part(
                 folder, small.big_name, big_path, small.big_size, sha256=small.big_name
             )
+            stored_big = True
             packed = small.pack()
             await self._api.put_small_part(folder, name, packed)
         except BaseException:
             self._cache.forget(big_path)  # no small part will ever point at it
+            if stored_big:
+                await self._remove_orphan(folder, small.big_name)
             raise
         return UploadResult(folder, name, size, len(packed), small.big_size, small.big_name)
+
+    async def _remove_orphan(self, folder: str, big_name: str) -> None:
+        """The big part of an upload whose small part was not stored: nothing will ever name
+        it (its name is the hash of fresh random keys), so it goes from the CDN again."""
+        try:
+            await asyncio.shield(self._api.delete_big_part(folder, big_name))
+        except (LoaderError, asyncio.CancelledError) as exc:
+            logger.warning(
+                "could not remove big part {}/{} of a failed upload from the CDN: {}",
+                folder,
+                big_name,
+                exc,
+            )
 
     # -- load ----------------------------------------------------------------------------------
 
@@ -172,10 +202,15 @@ class ResourceStore:
                 f"the Resource API sent a small part for {folder}/{name} that this agent cannot "
                 f"read ({exc})"
             ) from exc
+        self._check_claimed_size(small, folder, name)
+        # One guard for the whole download, across resumptions: a CDN that drips bytes or
+        # never ends is cut off (504) rather than holding the caller forever.
+        guard = TransferGuard(self._api.limits, CDN, f"big part of {folder}/{name}")
 
         async def download(offset: int) -> AsyncIterator[bytes]:
+            chunks = self._api.iter_big_part(folder, small.big_name, offset=offset)
             try:
-                async for chunk in self._api.iter_big_part(folder, small.big_name, offset=offset):
+                async for chunk in guard.watch(chunks):
                     yield chunk
             except RangeNotSatisfiable as exc:
                 raise RangeRefused(str(exc)) from exc
@@ -198,6 +233,30 @@ class ResourceStore:
         except BaseException:
             file.close()
             raise
+
+    def _check_claimed_size(self, small: SmallPart, folder: str, name: str) -> None:
+        """The big part's recorded size must be one a resource can have, and within bounds,
+        before a byte is downloaded or a byte of disk is planned for it."""
+        what = f"the Resource API's small part of {folder}/{name}"
+        if small.big_size > self._max_big_size:
+            raise UpstreamError(
+                f"{what} claims a big part of {small.big_size} bytes, over this device's limit "
+                f"of {self._max_big_size} (LOADER_MAX_RESOURCE_BYTES)"
+            )
+        try:
+            header = stream.parse_header(small.head)
+        except StreamError as exc:
+            raise UpstreamError(f"{what} holds no valid stream header ({exc})") from exc
+        for fragment_length in range(keys.MIN_FRAGMENT_SIZE, keys.MAX_FRAGMENT_SIZE + 1):
+            if small.big_size < 1 + fragment_length:  # it starts with its fragment
+                break
+            ciphertext_size = len(small.head) + small.big_size - (1 + fragment_length)
+            try:
+                stream.plaintext_size(ciphertext_size, chunk_size=header.chunk_size)
+                return
+            except TruncatedError:
+                continue
+        raise UpstreamError(f"{what} records a big part of an impossible size ({small.big_size})")
 
 
 class Resource:

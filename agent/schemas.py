@@ -10,12 +10,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from agent.defaults import NAME_MAX_LENGTH
+
 MAX_FIELD = 1024
 # A resource or folder name: one plain path component. Letters, digits, '.', '_', '-', '+',
 # starting with a letter or digit, never "..". Written without look-ahead so that JSON Schema
 # tools (and hypothesis) can use it as is. The server validates every name with it.
 NAME_PATTERN = r"[A-Za-z0-9](?:\.?[A-Za-z0-9_+-])*\.?"
-NAME_MAX_LENGTH = 255
 _NAME = f"^{NAME_PATTERN}$"
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import re
 import socket
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
@@ -23,9 +24,10 @@ from loguru import logger
 from pydantic import BaseModel, ValidationError
 
 from agent import __version__, errors
-from agent.logs import register_secret
+from agent.defaults import NAME_MAX_LENGTH
+from agent.logs import quote
+from agent.peers import AccessPolicy, AccountGroups, Peer, identify
 from agent.schemas import (
-    NAME_MAX_LENGTH,
     NAME_PATTERN,
     ErrorResponse,
     HealthResponse,
@@ -65,6 +67,7 @@ ERROR_STATUS: dict[type[errors.LoaderError], tuple[int, str]] = {
     errors.InvalidName: (400, "invalid_name"),
     errors.ForbiddenRequest: (403, "forbidden"),
     errors.PayloadTooLarge: (413, "payload_too_large"),
+    errors.RequestTimeout: (408, "request_timeout"),
     UnsupportedMediaType: (415, "unsupported_media_type"),
     errors.NotFoundError: (404, "not_found"),
     errors.ConflictError: (409, "conflict"),
@@ -102,7 +105,7 @@ SOCKET_ONLY_HOSTS = frozenset({"unix", "azaion-loader"})
 SAFE_NAME = re.compile(NAME_PATTERN)
 SAFE_NAME_RULE = (
     "must be a plain name: letters, digits, '.', '_', '-', '+', starting with a letter or digit, "
-    "at most 255 characters, no '..' or path separators"
+    f"at most {NAME_MAX_LENGTH} characters, no '..' or path separators"
 )
 JSON_TYPES = re.compile(r"application/(?:[\w.+-]+\+)?json")
 MAX_FIELD_BYTES = 1024  # the upload's 'folder' field
@@ -117,9 +120,13 @@ class Services:
     api: ResourceApiClient
     resources: ResourceStore
     unlock: UnlockManager
+    access: AccessPolicy
 
 
 SERVICES = web.AppKey("services", Services)
+# Bench-only switch (bench/bench_load.py measures the check against its absence); no setting
+# turns it off.
+PEER_CHECK = True
 
 
 def error_response(status: int, code: str, message: str) -> web.Response:
@@ -156,7 +163,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except errors.LoaderError as exc:
         status, code = status_for(exc)
         log = logger.warning if status < 500 else logger.error
-        log("{} {} -> {} {}: {}", request.method, request.raw_path, status, code, exc)
+        log("{} {} -> {} {}: {}", request.method, quote(request.raw_path), status, code, exc)
         return error_response(status, code, str(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -170,7 +177,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
-        logger.exception("unexpected error in {} {}", request.method, request.raw_path)
+        logger.exception("unexpected error in {} {}", request.method, quote(request.raw_path))
         return error_response(500, "internal_error", "internal error; see the agent's log")
 
 
@@ -224,6 +231,54 @@ def _refuse_dot_segments(raw_path: str) -> None:
         raise errors.InvalidName("the path must not contain '.' or '..' segments")
 
 
+class PeerCheck:
+    """Access by peer identity (``agent.peers``): endpoints not marked open need an allowed
+    peer. The peer is asked of the kernel once per connection, when its first request needs
+    it, and remembered with the connection."""
+
+    def __init__(self, policy: AccessPolicy, open_handlers: frozenset[Handler]) -> None:
+        self._policy = policy
+        self._open = open_handlers
+        self._groups = AccountGroups()
+        self._peers: weakref.WeakKeyDictionary[object, Peer] = weakref.WeakKeyDictionary()
+
+    def peer(self, request: web.Request) -> Peer:
+        transport = request.transport
+        if transport is None:
+            return Peer("unknown", None)
+        peer = self._peers.get(transport)
+        if peer is None:
+            peer = identify(transport.get_extra_info("socket"), self._groups)
+            self._peers[transport] = peer
+        return peer
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        route_handler = request.match_info.route.handler
+        if request.match_info.http_exception is not None or route_handler in self._open:
+            return await handler(request)
+        if not PEER_CHECK:
+            return await handler(request)
+        peer = self.peer(request)
+        if self._policy.allows(peer):
+            return await handler(request)
+        logger.warning(
+            "refused {} {} from uid={} gid={} pid={} over {}: not an allowed peer",
+            request.method,
+            quote(request.raw_path),
+            peer.uid,
+            peer.gid,
+            peer.pid,
+            peer.listener,
+        )
+        who = "an unidentified peer" if peer.uid is None else f"uid {peer.uid}"
+        return error_response(
+            403,
+            "forbidden",
+            f"this endpoint is open to {self._policy.rule()} only; the caller ({who}) is not",
+        )
+
+
 async def hardening_headers(request: web.Request, response: web.StreamResponse) -> None:
     """No caching of answers (they may be decrypted models), no MIME sniffing, no version
     banner; and never a CORS header, so no web page may read an answer."""
@@ -253,7 +308,8 @@ NAME_FIELDS = frozenset({"folder", "filename"})
 
 async def read_model(request: web.Request, model: type[M]) -> M:
     """Parse and validate a JSON body; messages name the field, never echo what was sent."""
-    body = await request.read()  # bounded by the app's client_max_size (413 past it)
+    async with _body_deadline(request):
+        body = await request.read()  # bounded by the app's client_max_size (413 past it)
     if not body:
         data: Any = {}
     else:
@@ -270,6 +326,19 @@ async def read_model(request: web.Request, model: type[M]) -> M:
         return model.model_validate(data)
     except ValidationError as exc:
         raise _validation_error(model, exc) from None
+
+
+@contextlib.asynccontextmanager
+async def _body_deadline(request: web.Request) -> AsyncIterator[None]:
+    """A body that stalls (a caller holding the connection open) ends in 408."""
+    seconds = request.app[SERVICES].settings.loader_body_timeout
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError as exc:
+        raise errors.RequestTimeout(
+            f"the request body did not arrive within {seconds:.0f} s (LOADER_BODY_TIMEOUT)"
+        ) from exc
 
 
 def _require_json(request: web.Request) -> None:
@@ -310,7 +379,6 @@ async def status(request: web.Request) -> web.Response:
 async def login(request: web.Request) -> web.Response:
     body = await read_model(request, LoginRequest)
     password = body.password.get_secret_value()
-    register_secret(password)
     services = request.app[SERVICES]
     try:
         await services.api.login(body.email, password)
@@ -320,7 +388,7 @@ async def login(request: web.Request) -> web.Response:
         services.api.set_credentials(body.email, password)
         verified = False
         logger.warning("Resource API unreachable: credentials kept, not yet verified")
-    logger.info("credentials set for {} (verified: {})", body.email, verified)
+    logger.info("credentials set for {} (verified: {})", quote(body.email), verified)
     if services.settings.loader_auto_unlock:
         await _start_unlock_quietly(services)
     return web.json_response({"status": "ok", "verified": verified})
@@ -343,8 +411,7 @@ async def unlock(request: web.Request) -> web.Response:
         raise errors.RequestError("give both email and password, or neither")
     if body.credentials is not None:
         email, password = body.credentials
-        register_secret(password)
-        services.api.set_credentials(email, password)
+        services.api.set_credentials(email, password)  # kept, so scrubbed from now on
     snapshot = await services.unlock.start()
     return web.json_response(snapshot, status=200 if snapshot["state"] == "ready" else 202)
 
@@ -397,19 +464,22 @@ async def upload(request: web.Request) -> web.Response:
     if not request.content_type.startswith("multipart/"):
         raise UnsupportedMediaType("upload must be multipart/form-data with fields folder and file")
     folder = request.query.get("folder")
+    stall = settings.loader_body_timeout
     with _malformed_multipart():
         reader = await request.multipart()
     # Exactly: an optional 'folder' field, then 'file'. Anything else is refused, so that no
     # form (or multipart bomb) makes the agent read more than it needs.
     for expected in ("folder", "file"):
         with _malformed_multipart():
-            part = await reader.next()
+            async with _body_deadline(request):
+                part = await reader.next()
         if part is None:
             raise errors.RequestError("upload has no 'file' field")
         if not isinstance(part, BodyPartReader):
             raise errors.RequestError("nested multipart is not accepted in an upload")
         if part.name == "folder" and expected == "folder":
-            folder = await _read_field(part)
+            async with _body_deadline(request):
+                folder = await _read_field(part)
         elif part.name == "file":
             if folder is None:
                 raise errors.RequestError(
@@ -417,7 +487,7 @@ async def upload(request: web.Request) -> web.Response:
                 )
             folder = validate_name(folder, "folder")
             result = await request.app[SERVICES].resources.upload(
-                folder, filename, _limited(part, limit)
+                folder, filename, _limited(part, limit, stall)
             )
             return web.json_response({"status": "ok", **dataclasses.asdict(result)})
         else:
@@ -447,11 +517,18 @@ async def _read_field(part: BodyPartReader) -> str:
     return data.decode("utf-8", "replace")
 
 
-async def _limited(part: BodyPartReader, limit: int) -> AsyncIterator[bytes]:
+async def _limited(part: BodyPartReader, limit: int, stall: float) -> AsyncIterator[bytes]:
+    """The file's bytes, at most ``limit`` of them, none more than ``stall`` s after the last."""
     total = 0
     while True:
         with _malformed_multipart():
-            chunk = await part.read_chunk(CHUNK)
+            try:
+                async with asyncio.timeout(stall):
+                    chunk = await part.read_chunk(CHUNK)
+            except TimeoutError as exc:
+                raise errors.RequestTimeout(
+                    f"the upload stalled for {stall:.0f} s (LOADER_BODY_TIMEOUT)"
+                ) from exc
         if not chunk:
             return
         total += len(chunk)
@@ -481,13 +558,17 @@ class Endpoint:
     errors: tuple[int, ...] = ()
     binary_response: bool = False
     multipart_request: bool = False
+    # Open to every local peer: read-only, reveals no secret and no protected data. Any other
+    # endpoint needs an allowed peer (``PeerCheck``), so a new endpoint is closed by default.
+    open_to_all: bool = False
 
 
 # Every endpoint may also answer 400 (bad path), 403 (foreign Host/Origin) and 500.
 ENDPOINTS: tuple[Endpoint, ...] = (
-    Endpoint("GET", "/health", health, "Liveness probe", response=HealthResponse),
+    Endpoint("GET", "/health", health, "Liveness probe", response=HealthResponse,
+             open_to_all=True),
     Endpoint("GET", "/status", status, "Agent, credentials and unlock status",
-             response=StatusResponse),
+             response=StatusResponse, open_to_all=True),
     Endpoint("POST", "/login", login, "Set credentials (checked against the Resource API)",
              request=LoginRequest, response=LoginResponse, errors=(401, 413, 415, 502, 504)),
     Endpoint("POST", "/load/{filename}", load, "Fetch and decrypt a resource",
@@ -500,16 +581,19 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              request=UnlockRequest, response=UnlockStatus, ok_status=(200, 202),
              errors=(404, 413, 415)),
     Endpoint("GET", "/unlock/status", unlock_status, "Progress of the unlock",
-             response=UnlockStatus),
-    Endpoint("GET", "/openapi.json", openapi_document, "This document (OpenAPI 3.1)"),
+             response=UnlockStatus, open_to_all=True),
+    Endpoint("GET", "/openapi.json", openapi_document, "This document (OpenAPI 3.1)",
+             open_to_all=True),
 )  # fmt: skip
 COMMON_ERRORS = (400, 403, 500)
 ERROR_SCHEMA = ErrorResponse
 
 
 def create_app(services: Services) -> web.Application:
+    open_handlers = frozenset(e.handler for e in ENDPOINTS if e.open_to_all)
+    peer_check = PeerCheck(services.access, open_handlers)
     app = web.Application(
-        middlewares=[error_middleware, local_only_middleware],
+        middlewares=[error_middleware, local_only_middleware, peer_check.middleware],
         client_max_size=services.settings.loader_max_json_bytes,
     )
     app[SERVICES] = services

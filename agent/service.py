@@ -1,7 +1,9 @@
 """``azaion-loader serve``: the service's lifecycle, apart from what it serves.
 
-Open listeners -> build services -> serve -> READY=1 -> (auto unlock) -> wait for SIGTERM ->
-STOPPING=1 -> finish responses in flight (bounded) -> close everything -> remove the socket.
+Open listeners -> check the descriptor limit holds their connections -> build services -> serve
+-> READY=1 -> (auto unlock) -> wait for SIGTERM -> STOPPING=1 -> finish responses in flight
+(bounded) -> close everything -> remove the socket. Connection limits and timeouts: see
+``agent.connections``.
 """
 
 from __future__ import annotations
@@ -10,17 +12,20 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from aiohttp import web
 from loguru import logger
 
 from agent import __version__
-from agent.api_client import ResourceApiClient
+from agent.api_client import ResourceApiClient, TransferLimits
+from agent.connections import BoundedSite, Throttle, ensure_descriptor_limit
 from agent.errors import LoaderError, NotFoundError
 from agent.listeners import Listener, open_listeners
 from agent.logs import register_secret
 from agent.notify import Notifier
+from agent.peers import AccessPolicy
 from agent.resources import ResourceStore
 from agent.server import Services, create_app
 from agent.settings import Settings
@@ -29,10 +34,22 @@ from agent.unlock import UnlockManager
 # Debug-only hook for the watchdog system test: SIGUSR2 blocks the event loop.
 DEBUG_BLOCK_ENV = "LOADER_DEBUG_BLOCK_LOOP_ON_SIGUSR2"
 DEBUG_BLOCK_SECONDS = 600
+# Errors that reach the event loop (a failed accept(), a task nobody awaited) may repeat in a
+# tight loop: one line per this many seconds at most, with a count of the rest.
+LOOP_ERROR_LOG_INTERVAL = 5.0
+
+LoopExceptionHandler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]
 
 
-def build_services(settings: Settings, notifier: Notifier) -> Services:
-    api = ResourceApiClient(settings.resource_api_url)
+def build_services(settings: Settings, notifier: Notifier, access: AccessPolicy) -> Services:
+    api = ResourceApiClient(
+        settings.resource_api_url,
+        limits=TransferLimits(
+            min_rate=settings.loader_upstream_min_rate,
+            window=settings.loader_upstream_rate_window,
+            deadline=settings.loader_upstream_deadline,
+        ),
+    )
     if settings.azaion_email and settings.azaion_password:
         password = settings.azaion_password.get_secret_value()
         register_secret(password)
@@ -43,8 +60,10 @@ def build_services(settings: Settings, notifier: Notifier) -> Services:
         notifier.status(serving_status(unlock))
 
     unlock = UnlockManager(settings, api, on_change=on_unlock_change)
-    resources = ResourceStore(api, settings.model_cache_dir)
-    return Services(settings=settings, api=api, resources=resources, unlock=unlock)
+    resources = ResourceStore(
+        api, settings.model_cache_dir, max_resource_bytes=settings.loader_max_resource_bytes
+    )
+    return Services(settings=settings, api=api, resources=resources, unlock=unlock, access=access)
 
 
 def serving_status(unlock: UnlockManager) -> str:
@@ -54,11 +73,20 @@ def serving_status(unlock: UnlockManager) -> str:
 async def serve(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
     env = os.environ if environ is None else environ
     started = time.monotonic()
+    access = AccessPolicy.from_setting(  # a bad group name: exit 2
+        settings.loader_allowed_groups,
+        explicit="loader_allowed_groups" in settings.model_fields_set,
+    )
     listeners = open_listeners(
         settings.loader_socket_path, settings.loader_http_host, settings.loader_http_port, env
     )
+    try:
+        ensure_descriptor_limit(len(listeners), settings.loader_max_connections)
+    except LoaderError:
+        _close_listeners(listeners)
+        raise
     notifier = Notifier(env)
-    services = build_services(settings, notifier)
+    services = build_services(settings, notifier, access)
     runner = web.AppRunner(
         create_app(services),
         handle_signals=False,
@@ -66,6 +94,7 @@ async def serve(settings: Settings, environ: Mapping[str, str] | None = None) ->
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(log_loop_errors())
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     if env.get(DEBUG_BLOCK_ENV) == "1":
@@ -74,7 +103,13 @@ async def serve(settings: Settings, environ: Mapping[str, str] | None = None) ->
     try:
         await runner.setup()
         for listener in listeners:
-            await web.SockSite(runner, listener.sock).start()
+            site = BoundedSite(
+                runner,
+                listener,
+                settings.loader_max_connections,
+                keepalive_timeout=settings.loader_idle_timeout,  # idle and slow-header connections
+            )
+            await site.start()
         logger.info(
             "azaion-loader {} serving on {} ({:.0f} ms)",
             __version__,
@@ -112,8 +147,29 @@ async def _shutdown(runner: web.AppRunner, services: Services, listeners: list[L
     await runner.cleanup()  # stops accepting, finishes responses in flight (bounded)
     await services.resources.close()
     await services.api.close()
+    _close_listeners(listeners)
+
+
+def _close_listeners(listeners: list[Listener]) -> None:
     for listener in listeners:
         listener.close()
+
+
+def log_loop_errors(interval: float = LOOP_ERROR_LOG_INTERVAL) -> LoopExceptionHandler:
+    """An event-loop exception handler writing through loguru, one line per ``interval``."""
+    throttle = Throttle(interval)
+
+    def log(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        held_back = throttle()
+        if held_back is None:
+            return
+        logger.opt(exception=context.get("exception")).error(
+            "event loop: {}{}",
+            context.get("message") or "unhandled error",
+            f" ({held_back} more since the last line)" if held_back else "",
+        )
+
+    return log
 
 
 def _block_loop() -> None:

@@ -43,7 +43,23 @@ class Settings(BaseSettings):
     loader_max_upload_bytes: int = Field(default=16 * 1024 * MiB, gt=0)
     # How long a graceful stop waits for responses in flight.
     loader_shutdown_timeout: float = Field(default=10.0, gt=0)
+    # Local connections: at most this many open on each listener (the Unix socket keeps its
+    # own budget, so a flood of TCP connections never starves it); a connection that sends no
+    # complete request head for this long (idle keep-alive included) is closed; a request body
+    # that stalls this long between two pieces is refused.
+    loader_max_connections: int = Field(default=256, ge=4, le=16384)
+    loader_idle_timeout: float = Field(default=15.0, gt=0)
+    loader_body_timeout: float = Field(default=60.0, gt=0)
+    # Upstream transfers (Resource API, CDN): the largest big part a small part may claim, the
+    # least throughput a transfer must keep over each window, and its overall deadline.
+    loader_max_resource_bytes: int = Field(default=16 * 1024 * MiB, gt=0)
+    loader_upstream_min_rate: int = Field(default=16 * 1024, ge=0)
+    loader_upstream_rate_window: float = Field(default=30.0, gt=0)
+    loader_upstream_deadline: float = Field(default=3600.0, gt=0)
     loader_log_level: str = "INFO"
+    # Groups whose members (besides root and the agent's own user) may call the endpoints that
+    # change state or return protected data; resolved when serve starts (agent.peers).
+    loader_allowed_groups: str = "azaion-loader"
 
     @field_validator("loader_log_level")
     @classmethod

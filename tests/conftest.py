@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.fixtures.devapi",
     "tests.fixtures.dockerd",
     "tests.fixtures.secretwatch",
+    "tests.fixtures.hostile",  # after the watch: it tells the watch its secrets
 ]
