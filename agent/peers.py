@@ -38,7 +38,7 @@ NLMSG_ERROR = 2
 TCP_ALL_STATES = 0xFFFFFFFF
 INET_DIAG_NOCOOKIE = 0xFFFFFFFF
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
-MAX_PEER_GROUPS = 65536
+MAX_PEER_GROUPS = 256  # Python caps getsockopt buffers at 1024 bytes; more groups: ERANGE
 DIAG_TIMEOUT = 1.0  # seconds the kernel has to answer (it answers at once)
 
 _NLMSGHDR = struct.Struct("=IHHII")
@@ -90,7 +90,7 @@ def unix_peer(sock: socket.socket) -> Peer:
         raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, MAX_PEER_GROUPS * 4)
         groups.update(struct.unpack(f"={len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
     except OSError:
-        pass  # a kernel without SO_PEERGROUPS (< 4.13): the primary group only
+        pass  # no SO_PEERGROUPS (kernel < 4.13) or over 256 groups: the primary group only
     return Peer("unix", uid, gid, pid or None, frozenset(groups))
 
 

@@ -101,6 +101,14 @@ class UnlockStatus(BaseModel):
     images: int | None = None
 
 
+class ReadyResponse(BaseModel):
+    """``GET /ready``: 200 when the images are unlocked, 503 otherwise."""
+
+    ready: bool
+    state: str
+    message: str | None
+
+
 class StatusResponse(BaseModel):
     status: Literal["healthy"]
     version: str

@@ -34,6 +34,7 @@ from agent.schemas import (
     LoadRequest,
     LoginRequest,
     LoginResponse,
+    ReadyResponse,
     StatusResponse,
     UnlockRequest,
     UnlockStatus,
@@ -363,6 +364,15 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "healthy"})
 
 
+async def ready(request: web.Request) -> web.Response:
+    """Readiness for apps and probes: 200 once the images are unlocked, 503 until then (or
+    after a failure), with the unlock's state and message either way."""
+    snapshot = request.app[SERVICES].unlock.snapshot()
+    is_ready = snapshot["state"] == "ready"
+    body = ReadyResponse(ready=is_ready, state=snapshot["state"], message=snapshot.get("message"))
+    return web.json_response(body.model_dump(), status=200 if is_ready else 503)
+
+
 async def status(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     return web.json_response(
@@ -567,6 +577,8 @@ class Endpoint:
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("GET", "/health", health, "Liveness probe", response=HealthResponse,
              open_to_all=True),
+    Endpoint("GET", "/ready", ready, "Readiness: 200 when the images are unlocked, else 503",
+             response=ReadyResponse, ok_status=(200, 503), open_to_all=True),
     Endpoint("GET", "/status", status, "Agent, credentials and unlock status",
              response=StatusResponse, open_to_all=True),
     Endpoint("POST", "/login", login, "Set credentials (checked against the Resource API)",

@@ -18,6 +18,12 @@ measured ``--runs`` times, interleaved; the report gives medians.
    socket while the agent decrypts a ``--unlock-mb`` archive into the engine at full speed, from
    the moment the state is ``loading`` until it is not (or ``--duration``). Baseline: the same
    probe on the same agent just before. Goal: p99 < 20 ms while loading.
+4. **The peer check** (access by peer identity, ``agent.peers``): the same agent with the
+   check and without it (started through ``bench/agent_without_peer_check.py``, which switches
+   it off before serving), interleaved: ``GET /health`` p99 over keep-alive connections, and
+   ``POST /unlock`` (refused or answered at once: nothing to unlock) with a **new connection
+   for every request**, so each one pays the kernel lookup (``SO_PEERCRED`` on the socket,
+   ``sock_diag`` on TCP). Goal: the check adds <= 0.5 ms to the p99 of each.
 3. **50 concurrent /load** of a ``--load-mb`` resource over the socket: every body is
    byte-exact (SHA-256 of the stream equals the source's); the agent's RSS is sampled every
    20 ms (and its ``VmHWM``) against its RSS just before; the aggregate throughput against one
@@ -60,8 +66,10 @@ MB = 1000 * 1000
 P99_GOAL_MS = 20.0
 RSS_GROWTH_GOAL_MIB = 256
 RSS_SAMPLE_S = 0.02
+PEER_CHECK_GOAL_MS = 0.5
 IMAGE_REF = "azaion/bench-load:1.0"
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
+NO_PEER_CHECK = REPO / "bench" / "agent_without_peer_check.py"
 
 
 # -- measuring -----------------------------------------------------------------------------------
@@ -215,10 +223,13 @@ class Setup:
     load_size: int = 0
 
 
-def start_agent(setup: Setup, **env: str) -> AgentProcess:
+def start_agent(setup: Setup, argv: list[str] | None = None, **env: str) -> AgentProcess:
     root = short_tmpdir("bl-")
     settings = agent_env(root, RESOURCE_API_URL=setup.api.url, LOADER_LOG_LEVEL="WARNING", **env)
-    agent = AgentProcess(root, settings).start()
+    agent = AgentProcess(root, settings)
+    if argv is not None:
+        agent.argv = argv
+    agent.start()
     login = agent.request(
         "POST", "/login", {"email": setup.api.email, "password": setup.api.password}
     )
@@ -245,6 +256,49 @@ async def throughput(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
         return results
     finally:
         stop_agent(agent)
+
+
+async def per_connection(
+    agent: AgentProcess, transport: str, method: str, path: str, duration: float
+) -> Latencies:
+    """One request per new connection, back to back, for ``duration`` s."""
+    result = Latencies()
+    if transport == "unix":
+        connector: aiohttp.BaseConnector = aiohttp.UnixConnector(
+            path=str(agent.socket_path), force_close=True
+        )
+        base = "http://localhost"
+    else:
+        connector = aiohttp.TCPConnector(force_close=True)
+        base = f"http://127.0.0.1:{agent.port}"
+    async with aiohttp.ClientSession(connector=connector) as session:
+        began = time.perf_counter()
+        while time.perf_counter() - began < duration:
+            started = time.perf_counter()
+            async with session.request(method, base + path, json={}) as response:
+                await response.read()
+            result.seconds.append(time.perf_counter() - started)
+        result.elapsed = time.perf_counter() - began
+    return result
+
+
+async def peer_check(setup: Setup, args: argparse.Namespace, run: int) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    order = ("on", "off") if run % 2 == 0 else ("off", "on")  # neither always goes first
+    for variant in order:
+        argv = None if variant == "on" else [sys.executable, str(NO_PEER_CHECK), "serve"]
+        agent = start_agent(setup, argv=argv)
+        try:
+            await closed_loop(agent, "unix", "/health", args.connections, 0.5)  # warm-up
+            for transport in ("unix", "tcp"):
+                keep = await closed_loop(agent, transport, "/health", args.connections,
+                                         args.duration)  # fmt: skip
+                fresh = await per_connection(agent, transport, "POST", "/unlock", args.duration)
+                results[f"{variant} {transport} /health"] = keep.summary()
+                results[f"{variant} {transport} POST /unlock new connection"] = fresh.summary()
+        finally:
+            stop_agent(agent)
+    return results
 
 
 async def during_unlock(setup: Setup, daemon: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -413,11 +467,31 @@ def median_of(runs: list[dict[str, Any]], *keys: str) -> float:
     return round(statistics.median(values), 2)
 
 
+def peer_check_summary(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+    summary: dict[str, Any] = {}
+    ok = True
+    for transport in ("unix", "tcp"):
+        for what in ("/health", "POST /unlock new connection"):
+            on = median_of(runs, f"on {transport} {what}", "p99_ms")
+            off = median_of(runs, f"off {transport} {what}", "p99_ms")
+            summary[f"{transport} {what}"] = {
+                "p99_on_ms": on,
+                "p99_off_ms": off,
+                "added_ms": round(on - off, 3),
+            }
+            if on - off > PEER_CHECK_GOAL_MS:
+                ok = False
+    return summary, ok
+
+
 def report(
     results: dict[str, list[dict[str, Any]]], args: argparse.Namespace
 ) -> tuple[dict[str, Any], bool]:
     ok = True
     summary: dict[str, Any] = {"runs": args.runs, "connections": args.connections}
+    if args.only_peer_check:
+        summary["peer_check"], ok = peer_check_summary(results["peer_check"])
+        return summary, ok
     tp = results["throughput"]
     summary["throughput"] = {
         name: {key: median_of(tp, name, key) for key in tp[0][name] if key != "requests"}
@@ -440,6 +514,8 @@ def report(
         }
         if summary["during_unlock"]["loading_p99_ms"] >= P99_GOAL_MS:
             ok = False
+    summary["peer_check"], peer_ok = peer_check_summary(results["peer_check"])
+    ok = ok and peer_ok
     ld = results["loads"]
     summary["loads"] = {
         "load_mb": args.load_mb,
@@ -479,22 +555,31 @@ def main() -> int:
     parser.add_argument("--loads", type=int, default=50)
     parser.add_argument("--unlock-mb", type=int, default=1000)
     parser.add_argument("--skip-unlock", action="store_true")
+    parser.add_argument("--only-peer-check", action="store_true", help="part 4 alone")
     parser.add_argument("--json", type=Path, help="also write the summary here")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-load-"))
     setup = Setup(work=work, api=new_dev_api(work / "dev-api", []))
     daemon = None
-    results: dict[str, list[dict[str, Any]]] = {"throughput": [], "unlock": [], "loads": []}
+    results: dict[str, list[dict[str, Any]]] = {
+        "throughput": [],
+        "unlock": [],
+        "loads": [],
+        "peer_check": [],
+    }
     try:
         prepare_resource(setup, args.load_mb * MB)
-        if not args.skip_unlock:
+        if not (args.skip_unlock or args.only_peer_check):
             daemon = prepare_archive(setup, args.unlock_mb * MB)
         for run in range(args.runs):
-            results["throughput"].append(asyncio.run(throughput(setup, args)))
+            if not args.only_peer_check:
+                results["throughput"].append(asyncio.run(throughput(setup, args)))
+            results["peer_check"].append(asyncio.run(peer_check(setup, args, run)))
             if daemon is not None:
                 results["unlock"].append(asyncio.run(during_unlock(setup, daemon, args)))
-            results["loads"].append(asyncio.run(concurrent_loads(setup, args)))
+            if not args.only_peer_check:
+                results["loads"].append(asyncio.run(concurrent_loads(setup, args)))
             print(f"run {run + 1}/{args.runs} done", flush=True)
         summary, ok = report(results, args)
         print(json.dumps(summary, indent=2))
@@ -506,7 +591,7 @@ def main() -> int:
             daemon.destroy()
         shutil.rmtree(work, ignore_errors=True)
     if not ok:
-        print("a goal was missed (p99 during unlock, exact loads, or RSS growth)")
+        print("a goal was missed (p99 during unlock, exact loads, RSS growth, or the peer check)")
     return 0 if ok else 1
 
 

@@ -32,7 +32,7 @@ START_TIMEOUT = 30.0
 UNLOCK_TIMEOUT = 120.0
 # A stop is SIGTERM, STOPPING=1, responses finished, exit 0: well under the unit's 20 s.
 QUICK_STOP = 5.0
-MAX_EXPOSURE = 2.5
+MAX_EXPOSURE = 2.0
 # The unit's 30 s watchdog, shortened for the test by a drop-in.
 TEST_WATCHDOG = "2s"
 API_VERSION = "v-system"
@@ -396,3 +396,54 @@ def group_id(machine: Machine, name: str) -> int:
         if fields[0] == name:
             return int(fields[2])
     raise AssertionError(f"no group {name} in the machine")
+
+
+# -- access by peer identity, under the shipped units -----------------------------------------
+
+TCP_CLIENT = """
+import http.client, sys
+port, path, body = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+connection.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+response = connection.getresponse()
+data = response.read()
+print(response.status, len(data), flush=True)
+sys.stdout.buffer.write(data[:300])
+"""
+
+
+def test_peer_identity_decides_under_the_shipped_units(
+    new_machine: NewMachine, dev_api: DevApi
+) -> None:
+    """The agent as its packaged user, its sockets handed over by systemd: a member of the
+    azaion-loader group uploads (socket) and loads (TCP); another user is refused on TCP with
+    403 and cannot open the socket (0660)."""
+    machine, port = boot_installed(new_machine)
+    machine.write("/etc/azaion-loader/credentials/email", dev_api.email, mode=0o600)
+    machine.write("/etc/azaion-loader/credentials/password", dev_api.password, mode=0o600)
+    machine.write("/etc/azaion-loader/loader.env", f"RESOURCE_API_URL={dev_api.url}\n")
+    machine.run(["systemctl", "restart", AGENT])
+    wait_running(machine)
+    machine.run(["useradd", "--groups", "azaion-loader", "member"])
+    machine.run(["useradd", "outsider"])
+    machine.write("/srv/client.py", TCP_CLIENT)
+    machine.write("/srv/model.bin", b"weights" * 1000)
+    user = show(machine, AGENT, "MainPID")["MainPID"]
+    owner = machine.run(["stat", "-c", "%U", f"/proc/{user}"]).stdout.strip()
+    assert owner == "azaion-loader"
+
+    def as_user(name: str, *command: str) -> subprocess.CompletedProcess[str]:
+        return machine.run(["runuser", "-u", name, "--", *command], check=False)
+
+    up = as_user("member", "azaion-loader", "upload", "/srv/model.bin", "--folder", "models")
+    assert up.returncode == 0, up.stdout + up.stderr
+    body = '{"folder": "models"}'
+    load = as_user("member", "python3", "/srv/client.py", str(port), "/load/model.bin", body)
+    assert load.stdout.startswith(f"200 {7000}"), load.stdout + load.stderr
+    refused = as_user("outsider", "python3", "/srv/client.py", str(port), "/load/model.bin", body)
+    assert refused.stdout.startswith("403 "), refused.stdout + refused.stderr
+    assert '"forbidden"' in refused.stdout
+    socket_refused = as_user("outsider", "azaion-loader", "status")
+    assert socket_refused.returncode != 0 and "ermission" in socket_refused.stderr
+    journal = machine.journal(AGENT)
+    assert re.search(r"refused POST \"/load/model.bin\" from uid=\d+ .* over tcp", journal), journal
