@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import ConfigError, ConflictError
+from agent.settings import is_loopback
 
 SD_LISTEN_FDS_START = 3
 SOCKET_MODE = 0o660
@@ -52,6 +53,8 @@ def systemd_sockets(environ: Mapping[str, str]) -> list[socket.socket]:
 
 def describe(sock: socket.socket) -> str:
     name = sock.getsockname()
+    if sock.family not in (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6):
+        return f"a socket of family {sock.family}"
     if sock.family == socket.AF_UNIX:
         return f"unix:{name.decode() if isinstance(name, bytes) else name}"
     host, port = name[0], name[1]
@@ -106,12 +109,37 @@ def bind_tcp(host: str, port: int) -> Listener:
     return Listener(sock, describe(sock))
 
 
+def check_inherited(sock: socket.socket) -> None:
+    """A socket systemd hands over must be one this agent may serve on: a listening stream
+    socket, Unix or bound to loopback (the API is for this device only). Anything else is a
+    configuration error of the socket unit: exit 2, naming it."""
+    try:
+        kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        where = describe(sock)
+    except OSError as exc:
+        raise ConfigError(f"systemd passed a socket that cannot be used: {exc.strerror}") from exc
+    if kind != socket.SOCK_STREAM or not listening:
+        raise ConfigError(f"systemd passed {where}, which is not a listening stream socket")
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        host = sock.getsockname()[0]
+        if not is_loopback(host):
+            raise ConfigError(
+                f"systemd passed {where}, which is not on loopback: the local API must not be "
+                f"reachable from the network (fix ListenStream= in azaion-loader.socket)"
+            )
+    elif sock.family != socket.AF_UNIX:
+        raise ConfigError(f"systemd passed {where}, which is neither Unix nor TCP")
+
+
 def open_listeners(
     socket_path: Path, http_host: str, http_port: int, environ: Mapping[str, str]
 ) -> list[Listener]:
     """systemd's sockets when it passed any, else our Unix socket and (port > 0) TCP."""
     inherited = systemd_sockets(environ)
     if inherited:
+        for sock in inherited:
+            check_inherited(sock)
         return [Listener(sock, describe(sock) + " (from systemd)") for sock in inherited]
     listeners = [bind_unix(socket_path)]
     if http_port:

@@ -22,12 +22,13 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from types import TracebackType
+from typing import TYPE_CHECKING, TextIO
 
 from loguru import logger
 
 if TYPE_CHECKING:
-    from loguru import Record
+    from loguru import Message, Record
 
 # loguru level name -> syslog priority (sd-daemon(3)).
 SYSLOG_PRIORITY = {
@@ -153,11 +154,27 @@ class RepeatLimit:
         return True
 
 
-def _journal_format(record: Record) -> str:
-    priority = SYSLOG_PRIORITY.get(record["level"].name, 6)
-    return f"\\<{priority}>{{message}}\n{{exception}}"
+class JournalStream:
+    """A loguru sink for journald's stream: every line of an entry (a traceback's too) carries
+    the entry's ``<N>`` priority prefix, since journald reads the prefix line by line and gives
+    a line without one the default priority (info)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, message: Message) -> None:
+        priority = SYSLOG_PRIORITY.get(message.record["level"].name, 6)
+        lines = str(message).rstrip("\n").split("\n")
+        self._stream.write("".join(f"<{priority}>{line}\n" for line in lines))
+        self._stream.flush()
 
 
+def under_journald(environ: Mapping[str, str]) -> bool:
+    """Whether stderr goes to journald (systemd sets ``JOURNAL_STREAM`` for its services)."""
+    return bool(environ.get("JOURNAL_STREAM"))
+
+
+_JOURNAL_FORMAT = "{message}\n{exception}"
 _CONSOLE_FORMAT = (
     "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> <level>{level: <7}</level> {message}"
 )
@@ -179,16 +196,34 @@ class _InterceptHandler(logging.Handler):
 
 def setup_logging(level: str = "INFO", environ: Mapping[str, str] | None = None) -> None:
     env = os.environ if environ is None else environ
-    under_journald = bool(env.get("JOURNAL_STREAM"))
     logger.remove()
     logger.configure(patcher=_patch)
-    logger.add(
-        sys.stderr,
-        level=level,
-        format=_journal_format if under_journald else _CONSOLE_FORMAT,
-        filter=RepeatLimit(),
-        colorize=False if under_journald else None,
-        backtrace=False,
-        diagnose=False,  # diagnose would print local variables: secrets included
-    )
+    limit = RepeatLimit()
+    if under_journald(env):
+        logger.add(
+            JournalStream(sys.stderr),
+            level=level,
+            format=_JOURNAL_FORMAT,
+            filter=limit,
+            colorize=False,
+            backtrace=False,
+            diagnose=False,  # diagnose would print local variables: secrets included
+        )
+    else:
+        logger.add(
+            sys.stderr,
+            level=level,
+            format=_CONSOLE_FORMAT,
+            filter=limit,
+            backtrace=False,
+            diagnose=False,
+        )
     logging.basicConfig(handlers=[_InterceptHandler()], level=logging.INFO, force=True)
+    sys.excepthook = _log_uncaught
+
+
+def _log_uncaught(
+    kind: type[BaseException], error: BaseException, traceback: TracebackType | None
+) -> None:
+    """A bug that escapes everything: one entry at priority crit, traceback included."""
+    logger.opt(exception=(kind, error, traceback)).critical("unexpected error: {}", kind.__name__)

@@ -32,9 +32,16 @@ class Notifier:
         if self._notifier is None:
             return
         try:
-            self._notifier.notify(message)
+            # As UTF-8, written to sdnotify's connected socket: its notify() encodes Latin-1
+            # and raises on anything else (a Cyrillic path, an emoji in a message).
+            self._notifier.socket.sendall(message.encode("utf-8", "replace"))
         except OSError as exc:
             logger.warning("systemd notification failed: {}", exc)
+
+    def close(self) -> None:
+        if self._notifier is not None:
+            self._notifier.socket.close()
+            self._notifier = None
 
     def ready(self, status: str) -> None:
         self._last_status = status

@@ -117,7 +117,7 @@ async def serve(settings: Settings, environ: Mapping[str, str] | None = None) ->
             (time.monotonic() - started) * 1000,
         )
         notifier.ready(serving_status(services.unlock))
-        await _auto_unlock(settings, services)
+        await _auto_unlock(settings, services, notifier)
         await stop.wait()
         logger.info("stopping")
         notifier.stopping()
@@ -127,7 +127,7 @@ async def serve(settings: Settings, environ: Mapping[str, str] | None = None) ->
     logger.info("stopped")
 
 
-async def _auto_unlock(settings: Settings, services: Services) -> None:
+async def _auto_unlock(settings: Settings, services: Services, notifier: Notifier) -> None:
     if not settings.loader_auto_unlock:
         logger.info("automatic unlock is off (LOADER_AUTO_UNLOCK=false)")
         return
@@ -138,6 +138,7 @@ async def _auto_unlock(settings: Settings, services: Services) -> None:
         await services.unlock.start()
     except NotFoundError as exc:
         logger.info("nothing to unlock: {}", exc)
+        notifier.status(f"serving; images locked: {exc}")  # what `systemctl status` shows
     except LoaderError as exc:
         logger.error("automatic unlock did not start: {}", exc)
 

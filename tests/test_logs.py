@@ -136,15 +136,18 @@ def test_a_long_message_is_bounded(journal: Lines) -> None:
     assert line == "<6>x" + "y" * (MESSAGE_LIMIT - 1) + "... (8001 more characters)"
 
 
-def test_a_traceback_stays_as_it_is(journal: Lines) -> None:
+def test_a_traceback_keeps_its_lines_each_at_the_entrys_priority(journal: Lines) -> None:
+    """journald reads the <N> prefix line by line: a traceback line without it would be
+    filed at info, out of `journalctl -p err`."""
     try:
         raise ValueError("boom")
     except ValueError:
         logger.exception("failed for {}", "a\nb")
     lines = journal()
     assert lines[0] == "<3>failed for a\\nb"
-    assert "Traceback (most recent call last):" in lines
-    assert lines[-1] == "ValueError: boom"
+    assert "<3>Traceback (most recent call last):" in lines
+    assert lines[-1] == "<3>ValueError: boom"
+    assert all(line.startswith("<3>") for line in lines), lines
 
 
 # -- quote ------------------------------------------------------------------------------------

@@ -97,3 +97,22 @@ def test_watchdog_not_for_another_pid(make_agent: MakeAgent, notify_socket: Noti
     notify_socket.until("STOPPING")
     assert agent.proc.wait(20) == 0
     assert not any("WATCHDOG" in m for m in notify_socket.messages)
+
+
+@pytest.mark.parametrize("text", ["образы готовы 🚀", "ready: 1 image loaded", "tab\tand ünïcödé"])
+def test_status_carries_any_utf8_text_intact(
+    notify_socket: NotifyListener, text: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sdnotify's own notify() encodes Latin-1 and raises on Cyrillic or emoji; the agent
+    sends UTF-8 (what systemd reads) over the same real datagram socket."""
+    from agent.notify import Notifier
+
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify_socket.path))  # sdnotify reads os.environ
+    notifier = Notifier({"NOTIFY_SOCKET": str(notify_socket.path)})
+    try:
+        notifier.status(text)
+        assert notify_socket.next(5)["STATUS"] == text
+        notifier.ready(f"serving; {text}")
+        assert notify_socket.next(5)["STATUS"] == f"serving; {text}"
+    finally:
+        notifier.close()

@@ -275,3 +275,31 @@ def test_journald_lines_carry_syslog_priority(make_agent: MakeAgent) -> None:
         line.startswith("<6>") for line in lines
     )
     assert any(line.startswith("<6>") and "serving on" in line for line in lines)
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "::"])
+def test_a_socket_from_systemd_off_loopback_stops_serve_with_exit_2(
+    agent_root: Path, address: str
+) -> None:
+    """A socket unit edited to listen on all addresses would put the API on the network: the
+    agent refuses to serve on it (exit 2, one line naming it), whatever else it was given."""
+    env = agent_env(agent_root)
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    exposed = socket.create_server((address, 0), family=family)
+
+    def place_fd() -> None:
+        os.dup2(os.dup(exposed.fileno()), 3)
+
+    env.update(LISTEN_FDS="1")
+    log_path = agent_root / "exposed.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            ["sh", "-c", 'export LISTEN_PID=$$; exec "$@"', "sh", sys.executable, "-m", "agent",
+             "serve"],
+            env=env, cwd=REPO, stdout=log, stderr=log, pass_fds=(3,), preexec_fn=place_fd,
+        )  # fmt: skip
+    exposed.close()
+    assert proc.wait(20) == 2
+    lines = log_path.read_text().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "not on loopback" in lines[0] and "azaion-loader.socket" in lines[0]

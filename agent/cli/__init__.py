@@ -7,6 +7,7 @@ into one clear line on stderr and a non-zero exit (2 for a bad setting or usage)
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -29,7 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    # Under journald (a unit's ExecStart=, ExecStartPre=) the line is filed at priority err,
+    # so `journalctl -p err` and `systemctl status` show why the command failed.
+    prefix = "<3>" if os.environ.get("JOURNAL_STREAM") else ""
+    print(f"{prefix}{PROG}: error: {message}", file=sys.stderr)
     return code
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import stream
 from agent.images import ImageEngine
 from agent.pack import pack_images
 from tests.fixtures.devapi import DevApi
@@ -447,3 +448,92 @@ def test_peer_identity_decides_under_the_shipped_units(
     assert socket_refused.returncode != 0 and "ermission" in socket_refused.stderr
     journal = machine.journal(AGENT)
     assert re.search(r"refused POST \"/load/model.bin\" from uid=\d+ .* over tcp", journal), journal
+
+
+# -- failure modes end, visibly; the journal at true priorities --------------------------------
+
+
+def journal_at(machine: Machine, priority: str) -> list[str]:
+    """Our lines at ``priority`` or worse (``-u`` with ``-p`` and no cursor reads them all)."""
+    out = machine.run(
+        ["journalctl", "--no-pager", "-o", "cat", "-p", priority, "-u", AGENT], check=False
+    ).stdout
+    return [line for line in out.splitlines() if line and not line.startswith("-- ")]
+
+
+def starts_of(machine: Machine) -> int:
+    """How many times systemd started the agent's process (one 'invalid setting' line each)."""
+    return sum("invalid setting" in line for line in journal_at(machine, "info"))
+
+
+def test_a_bad_setting_ends_failed_with_the_reason_and_no_start_loop(
+    new_machine: NewMachine,
+) -> None:
+    machine, port = boot_installed(new_machine)
+    wait_running(machine)
+    machine.run(["systemctl", "stop", AGENT])
+    machine.write("/etc/azaion-loader/loader.env", "LOADER_HTTP_PORT=abc\n")
+    # A client connects to the (still listening) socket: that starts the agent, which cannot.
+    began = time.monotonic()
+    client = socket.create_connection(("127.0.0.1", port), timeout=15)
+    client.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    try:
+        answer = client.recv(4096)  # the connection is closed (b"" or a reset), not left hanging
+    except ConnectionResetError:
+        answer = b""
+    finally:
+        client.close()
+    assert answer == b"" and time.monotonic() - began < 10
+
+    def both_failed() -> bool:
+        states = [show(machine, unit, "ActiveState")["ActiveState"] for unit in (AGENT, SOCKET)]
+        return states == ["failed", "failed"]
+
+    wait_for(both_failed, 10, "the agent and its socket to end failed")
+    assert time.monotonic() - began < 15
+    starts = starts_of(machine)
+    assert 1 <= starts <= 6, machine.journal(AGENT)
+    time.sleep(3)  # a polling period: no more starts come after the end
+    assert starts_of(machine) == starts
+    status = machine.run(["systemctl", "status", "--no-pager", "-n", "10", AGENT], check=False)
+    assert "invalid setting LOADER_HTTP_PORT" in status.stdout, status.stdout
+    errors = journal_at(machine, "err")
+    assert any("invalid setting LOADER_HTTP_PORT" in line for line in errors), errors
+
+
+def test_transient_faults_keep_the_agent_running_and_retrying(
+    new_machine: NewMachine, dev_api: DevApi, tmp_path: Path
+) -> None:
+    machine, _ = boot_installed(new_machine)
+    archive = tmp_path / "images.enc"
+    encryptor = stream.Encryptor([dev_api.key_fragment])
+    archive.write_bytes(encryptor.update(b"x") + encryptor.finalize())
+    machine.write("/opt/azaion/images.enc", archive.read_bytes())
+    machine.write("/etc/azaion-loader/credentials/email", dev_api.email, mode=0o600)
+    machine.write("/etc/azaion-loader/credentials/password", dev_api.password, mode=0o600)
+    # Nothing listens there: the network is "down" for the agent.
+    machine.write(
+        "/etc/azaion-loader/loader.env", f"RESOURCE_API_URL=http://127.0.0.1:{free_port()}\n"
+    )
+    machine.run(["systemctl", "restart", AGENT])
+    pid = wait_running(machine)
+    wait_for(lambda: "waiting for network" in status_text(machine), 30, "the agent to retry")
+    wait_for(lambda: "attempt 3" in status_text(machine), 60, "a third attempt")
+    assert show(machine, AGENT, "MainPID")["MainPID"] == pid
+    assert show(machine, AGENT, "NRestarts")["NRestarts"] == "0"
+    assert show(machine, AGENT, "ActiveState")["ActiveState"] == "active"
+
+
+def test_a_healthy_boot_logs_nothing_at_err_and_status_is_utf8(
+    new_machine: NewMachine,
+) -> None:
+    machine = new_machine()
+    use_port(machine, free_port())
+    path = "/opt/azaion/образы 🚀.enc"
+    machine.write("/etc/azaion-loader/loader.env", f"IMAGES_PATH={path}\n")
+    machine.boot()
+    wait_running(machine)
+    wait_for(lambda: path in status_text(machine), 30, "STATUS= to name the archive path")
+    assert f"no images archive at {path}" in status_text(machine)
+    assert journal_at(machine, "err") == []
+    assert "образы 🚀" in "\n".join(journal_at(machine, "info"))
