@@ -101,15 +101,16 @@ def _percentile(ordered: list[float], pct: float) -> float:
 
 
 def session_for(
-    agent: AgentProcess, transport: str, limit: int
+    agent: AgentProcess, transport: str, limit: int, force_close: bool = False
 ) -> tuple[aiohttp.ClientSession, str]:
+    """A client session over the socket or TCP; ``force_close``: a new connection per request."""
     if transport == "unix":
         connector: aiohttp.BaseConnector = aiohttp.UnixConnector(
-            path=str(agent.socket_path), limit=limit
+            path=str(agent.socket_path), limit=limit, force_close=force_close
         )
         base = "http://localhost"
     else:
-        connector = aiohttp.TCPConnector(limit=limit)
+        connector = aiohttp.TCPConnector(limit=limit, force_close=force_close)
         base = f"http://127.0.0.1:{agent.port}"
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
     return aiohttp.ClientSession(connector=connector, timeout=timeout), base
@@ -263,15 +264,8 @@ async def per_connection(
 ) -> Latencies:
     """One request per new connection, back to back, for ``duration`` s."""
     result = Latencies()
-    if transport == "unix":
-        connector: aiohttp.BaseConnector = aiohttp.UnixConnector(
-            path=str(agent.socket_path), force_close=True
-        )
-        base = "http://localhost"
-    else:
-        connector = aiohttp.TCPConnector(force_close=True)
-        base = f"http://127.0.0.1:{agent.port}"
-    async with aiohttp.ClientSession(connector=connector) as session:
+    session, base = session_for(agent, transport, 1, force_close=True)
+    async with session:
         began = time.perf_counter()
         while time.perf_counter() - began < duration:
             started = time.perf_counter()

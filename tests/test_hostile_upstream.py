@@ -31,17 +31,23 @@ MARKER = "UPSTREAM-SUPPLIED-TEXT"  # any sign of upstream text in an answer
 DATA = os.urandom(300_000)
 
 
-@pytest.fixture
-def agent(make_agent: MakeAgent, hostile: HostileUpstream) -> AgentProcess:
-    agent = make_agent(
-        RESOURCE_API_URL=hostile.url,
-        LOADER_UPSTREAM_MIN_RATE="2000",
-        LOADER_UPSTREAM_RATE_WINDOW="1",
-        LOADER_UPSTREAM_DEADLINE="20",
-    )
+def logged_in(make_agent: MakeAgent, hostile: HostileUpstream, **env: str) -> AgentProcess:
+    """An agent in front of ``hostile``, logged in (quick upstream limits unless ``env``)."""
+    settings = {
+        "LOADER_UPSTREAM_MIN_RATE": "2000",
+        "LOADER_UPSTREAM_RATE_WINDOW": "1",
+        "LOADER_UPSTREAM_DEADLINE": "20",
+        **env,
+    }
+    agent = make_agent(RESOURCE_API_URL=hostile.url, **settings)
     login = agent.request("POST", "/login", {"email": hostile.email, "password": hostile.password})
     assert login.status == 200, login.body
     return agent
+
+
+@pytest.fixture
+def agent(make_agent: MakeAgent, hostile: HostileUpstream) -> AgentProcess:
+    return logged_in(make_agent, hostile)
 
 
 def upload(agent: AgentProcess, name: str, data: bytes = DATA) -> Reply:
@@ -231,6 +237,8 @@ NESTED_OBJECT = b'{"a":' * 5_000 + b"1" + b"}" * 5_000
         b'{"token": "abc", "expires_in": 60, "cdn_url": "ftp://127.0.0.1/x"}',
         b'{"token": "abc", "expires_in": 60, "cdn_url": "http://u:p@127.0.0.1/x"}',
         b'{"token": "abc", "expires_in": 60, "cdn_url": "/cdn\\n"}',
+        # Plain http off loopback would carry the token in the clear to the CDN's upload side.
+        b'{"token": "abc", "expires_in": 60, "cdn_url": "http://cdn.example.com/x"}',
         b'{"token": "abc", "expires_in": 60, "cdn_url": {"nested": [1]}}',
         b'"just a string"',
         b"\xff\xfe not utf-8",
@@ -327,9 +335,7 @@ def test_a_small_part_claiming_a_terabyte_is_refused_before_downloading(
 def test_a_claim_beyond_free_space_is_a_507_with_the_numbers(
     make_agent: MakeAgent, hostile: HostileUpstream
 ) -> None:
-    agent = make_agent(RESOURCE_API_URL=hostile.url, LOADER_MAX_RESOURCE_BYTES=str(1 << 50))
-    login = agent.request("POST", "/login", {"email": hostile.email, "password": hostile.password})
-    assert login.status == 200
+    agent = logged_in(make_agent, hostile, LOADER_MAX_RESOURCE_BYTES=str(1 << 50))
     assert upload(agent, "big.bin").status == 200
     clear_cache(agent)
     tamper_small_part(hostile, "big.bin", (1 << 44) + 17)
@@ -396,14 +402,8 @@ def test_an_endless_cdn_body_fills_nothing_beyond_the_claimed_size(
 def test_the_overall_deadline_ends_a_slow_steady_download(
     make_agent: MakeAgent, hostile: HostileUpstream
 ) -> None:
-    agent = make_agent(
-        RESOURCE_API_URL=hostile.url,
-        LOADER_UPSTREAM_MIN_RATE="100",
-        LOADER_UPSTREAM_RATE_WINDOW="1",
-        LOADER_UPSTREAM_DEADLINE="3",
-    )
-    login = agent.request("POST", "/login", {"email": hostile.email, "password": hostile.password})
-    assert login.status == 200
+    agent = logged_in(make_agent, hostile, LOADER_UPSTREAM_MIN_RATE="100",
+                      LOADER_UPSTREAM_DEADLINE="3")  # fmt: skip
     assert upload(agent, "slow.bin").status == 200
     clear_cache(agent)
 

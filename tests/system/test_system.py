@@ -535,5 +535,8 @@ def test_a_healthy_boot_logs_nothing_at_err_and_status_is_utf8(
     wait_running(machine)
     wait_for(lambda: path in status_text(machine), 30, "STATUS= to name the archive path")
     assert f"no images archive at {path}" in status_text(machine)
+    pid = show(machine, AGENT, "MainPID")["MainPID"]
+    limits = machine.run(["cat", f"/proc/{pid}/limits"]).stdout
+    assert re.search(r"Max core file size\s+0\s+0", limits), limits  # LimitCORE=0
     assert journal_at(machine, "err") == []
     assert "образы 🚀" in "\n".join(journal_at(machine, "info"))
