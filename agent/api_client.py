@@ -57,13 +57,14 @@ from agent.errors import (
     UpstreamUnavailable,
 )
 from agent.logs import quote, register_secret
-from agent.retry import RetryPolicy, Sleep, retry_call
+from agent.retry import RetryCounts, RetryPolicy, Sleep, retry_call
 from agent.settings import is_loopback
 
 T = TypeVar("T")
 
 RESOURCE_API = "Resource API"
 CDN = "CDN"
+RETRY_OPERATIONS = {RESOURCE_API: "resource_api", CDN: "cdn"}  # /metrics label values
 CHUNK = 256 * 1024
 MAX_SMALL_PART_BYTES = 4 * 1024 * 1024  # the API stores at most 1 MiB; anything far above is junk
 MAX_JSON_BYTES = 64 * 1024
@@ -251,6 +252,7 @@ class ResourceApiClient:
         self._token: _Token | None = None
         self._cdn_url: URL | None = None
         self._login_lock = asyncio.Lock()
+        self.retries = RetryCounts()  # by upstream ("resource_api", "cdn") and cause
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -544,6 +546,7 @@ class ResourceApiClient:
         policy: RetryPolicy | None = None,
     ) -> T:
         def log_retry(number: int, delay: float, exc: BaseException) -> None:
+            self.retries.record(RETRY_OPERATIONS.get(upstream, "other"), exc)
             logger.warning(
                 "{} attempt {} failed: {}; retrying in {:.1f} s", upstream, number, exc, delay
             )

@@ -15,6 +15,9 @@ A download stops when the last caller waiting for it has gone (its partial file 
 resumed); one that fails for good drops its partial file. Before a download starts, the free
 space of the cache's file system must hold what is still missing plus ``FREE_SPACE_RESERVE``,
 else ``CacheError`` (507) says how much is free and how much is needed.
+
+``stats`` counts hits (an intact part on disk), misses (a download was needed) and the resumed
+downloads' retries, for ``/metrics``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import os
 import re
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from loguru import logger
@@ -40,7 +43,7 @@ from agent.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from agent.retry import RetryPolicy, Sleep, retry_call
+from agent.retry import RetryCounts, RetryPolicy, Sleep, retry_call
 
 SAFE_COMPONENT = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._+-]{{0,{NAME_MAX_LENGTH - 1}}}")
 HASH_READ_SIZE = 1024 * 1024
@@ -64,6 +67,16 @@ def writing_to(directory: Path) -> Iterator[None]:
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise CacheError(f"cannot write to the model cache in {directory}: {reason}") from exc
+
+
+@dataclass
+class CacheStats:
+    """What ``/metrics`` reads of the cache: one hit or miss per check of a part (concurrent
+    loads of one part share one), and the retries of downloads that broke off."""
+
+    hits: int = 0
+    misses: int = 0
+    retries: RetryCounts = field(default_factory=RetryCounts)
 
 
 class RangeRefused(LoaderError):
@@ -142,6 +155,7 @@ class BigPartCache:
         self._verified: dict[Path, _Stamp] = {}
         self._inflight: dict[Path, asyncio.Task[Path]] = {}
         self._waiting: dict[Path, int] = {}  # callers awaiting each download in flight
+        self.stats = CacheStats()
         self._sweep_abandoned_uploads()
 
     def path(self, folder: str, name: str) -> Path:
@@ -189,7 +203,9 @@ class BigPartCache:
 
     async def _ensure(self, path: Path, size: int, sha256: bytes, download: Downloader) -> Path:
         if await self._is_intact(path, size, sha256):
+            self.stats.hits += 1
             return path
+        self.stats.misses += 1
         self._directory(path.parent.name)
         partial = _Partial(path.with_name(f".{path.name}.part"))
         try:
@@ -270,12 +286,16 @@ class BigPartCache:
                     lambda: self._one_pass(partial, size, download),
                     self._policy,
                     retryable=self._resumable,
+                    on_retry=self._count_resumption,
                     sleep=self._sleep,
                 )
             except RangeRefused:
                 partial.drop()
                 return False
         return have == size
+
+    def _count_resumption(self, attempt: int, delay: float, exc: BaseException) -> None:
+        self.stats.retries.record("cdn_resume", exc)
 
     async def _one_pass(self, partial: _Partial, size: int, download: Downloader) -> None:
         """Append what one CDN answer brings; raise only if it brought nothing."""

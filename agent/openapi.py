@@ -113,6 +113,8 @@ def _operation(endpoint: Endpoint, schemas: dict[str, Any]) -> dict[str, Any]:
             response["content"] = {
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
             }
+        elif endpoint.text_response is not None:
+            response["content"] = {endpoint.text_response: {"schema": {"type": "string"}}}
         elif endpoint.response is not None:
             response["content"] = _json(_schema_ref(endpoint.response, schemas))
         else:

@@ -13,6 +13,9 @@ big part it would undo the split); the big part comes from the cache if intact, 
 CDN (resumed, shared between concurrent loads). Plaintext exists only in memory, a block of
 ``BLOCK_SIZE`` at a time per load (plus what the socket holds). Upload crypto runs in a worker
 thread; load crypto runs on the loop in short turns (see ``Resource``).
+
+``ResourceStore.stats`` counts the plaintext bytes handed out, one addition per block, for
+``/metrics`` (the cache keeps its own ``stats``).
 """
 
 from __future__ import annotations
@@ -113,6 +116,13 @@ class SmallPart:
         return cls(fragment, big_name, big_size, big_sha256, head)
 
 
+@dataclass
+class ResourceStats:
+    """What ``/metrics`` reads of the loads: verified plaintext handed out, over all loads."""
+
+    decrypted_bytes: int = 0
+
+
 @dataclass(frozen=True)
 class UploadResult:
     folder: str
@@ -135,6 +145,7 @@ class ResourceStore:
         self._max_big_size = max_resource_bytes
         # Opening a download is retried by the client; resuming one that broke off, here.
         self._cache = BigPartCache(cache_dir, policy=api.policy, resumable=(BodyInterrupted,))
+        self.stats = ResourceStats()
 
     @property
     def cache(self) -> BigPartCache:
@@ -229,7 +240,7 @@ class ResourceStore:
                         f"the cached big part of {folder}/{name} keeps disappearing"
                     ) from None
         try:
-            return Resource(small, file, lambda: self._cache.forget(path))
+            return Resource(small, file, lambda: self._cache.forget(path), self.stats)
         except BaseException:
             file.close()
             raise
@@ -278,10 +289,15 @@ class Resource:
     """
 
     def __init__(
-        self, small: SmallPart, file: io.BufferedReader, forget: Callable[[], None]
+        self,
+        small: SmallPart,
+        file: io.BufferedReader,
+        forget: Callable[[], None],
+        stats: ResourceStats,
     ) -> None:
         self._file = file
         self._forget = forget
+        self._stats = stats
         big_fragment = _read_big_prefix(file)
         try:
             header = stream.parse_header(small.head)
@@ -313,6 +329,7 @@ class Resource:
                 block = b"".join(itertools.islice(self._chunks, self._chunks_per_block))
                 if block:
                     self._decrypted += len(block)
+                    self._stats.decrypted_bytes += len(block)
                     return block
                 if self._exhausted:
                     break

@@ -7,11 +7,15 @@ honoured: the agent never comes back sooner than asked.
 
 Randomness, sleeping and the clock are parameters, so the schedule is testable with fixed
 inputs and the boot-time unlock can show "next try in 30 s (attempt 7)" from ``on_retry``.
+
+Whoever retries also counts its retries in a ``RetryCounts`` (read by ``/metrics``), by the
+operation it names and by ``cause_of`` the error: a word from ``RETRY_CAUSES``, never its text.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -107,3 +111,35 @@ async def retry_call(
                 if notified is not None:
                     await notified
             await sleep(pause)
+
+
+RETRY_CAUSES = ("throttled", "timeout", "unavailable", "docker_unavailable", "other")
+
+
+def cause_of(exc: BaseException) -> str:
+    """Why a retry was needed, as one of ``RETRY_CAUSES``: ``throttled`` when the server asked
+    for a pause (``Retry-After``), then by the kind of the error."""
+    if isinstance(exc, DockerUnavailable):
+        return "docker_unavailable"
+    if retry_after_of(exc) is not None:
+        return "throttled"
+    if isinstance(exc, UpstreamTimeout):
+        return "timeout"
+    if isinstance(exc, UpstreamUnavailable):
+        return "unavailable"
+    return "other"
+
+
+class RetryCounts:
+    """Retries so far by (operation, cause), for ``/metrics``. The owner names the operation
+    (a constant of its own) and the cause comes from ``cause_of``, so every key is from a fixed
+    set whatever the errors say."""
+
+    def __init__(self) -> None:
+        self._counts: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def record(self, operation: str, exc: BaseException) -> None:
+        self._counts[(operation, cause_of(exc))] += 1
+
+    def items(self) -> list[tuple[tuple[str, str], int]]:
+        return list(self._counts.items())

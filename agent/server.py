@@ -1,7 +1,8 @@
 """The local HTTP API (aiohttp): routes, the local-only guard, and the one error middleware.
 
 Served on the Unix socket and on loopback TCP by ``agent.service``. Endpoints keep the original
-service's paths and fields (health, status, login, load, upload, unlock, unlock/status).
+service's paths and fields (health, status, login, load, upload, unlock, unlock/status), plus
+ready, metrics (``agent.metrics``) and openapi.json.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from urllib.parse import unquote
 from aiohttp import BodyPartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from loguru import logger
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 
 from agent import __version__, errors
 from agent.defaults import NAME_MAX_LENGTH
 from agent.logs import quote
+from agent.metrics import Metrics
 from agent.peers import AccessPolicy, AccountGroups, Peer, identify
 from agent.schemas import (
     NAME_PATTERN,
@@ -125,6 +128,7 @@ class Services:
 
 
 SERVICES = web.AppKey("services", Services)
+METRICS = web.AppKey("metrics", Metrics)
 # Bench-only switch (bench/bench_load.py measures the check against its absence); no setting
 # turns it off.
 PEER_CHECK = True
@@ -154,6 +158,38 @@ _HTTP_MESSAGES = {
     405: "this method is not allowed on this endpoint",
     413: "request body is too large",
 }
+CLIENT_GONE = "client_gone"  # the outcome of a load whose caller hung up
+
+
+def outcome_of(exc: BaseException) -> str:
+    """A failed load's or upload's outcome for /metrics: the short code the caller got (from
+    the fixed tables above), never the error's text."""
+    if isinstance(exc, errors.LoaderError):
+        return status_for(exc)[1]
+    if isinstance(exc, web.HTTPException):
+        return _HTTP_CODES.get(exc.status, "bad_request" if exc.status < 500 else "internal_error")
+    if isinstance(exc, asyncio.CancelledError | ConnectionResetError):
+        return CLIENT_GONE
+    return "internal_error"
+
+
+@dataclass
+class _Outcome:
+    value: str = "ok"
+
+
+@contextlib.contextmanager
+def _counted(request: web.Request, operation: str) -> Iterator[_Outcome]:
+    """Count one load or upload by outcome: ok, what it raised, or what the handler set (a
+    failure after the answer's headers went out)."""
+    outcome = _Outcome()
+    try:
+        yield outcome
+    except BaseException as exc:
+        outcome.value = outcome_of(exc)
+        raise
+    finally:
+        request.app[METRICS].resource_operation(operation, outcome.value)
 
 
 @web.middleware
@@ -431,6 +467,11 @@ async def unlock_status(request: web.Request) -> web.Response:
 
 
 async def load(request: web.Request) -> web.StreamResponse:
+    with _counted(request, "load") as outcome:
+        return await _load(request, outcome)
+
+
+async def _load(request: web.Request, outcome: _Outcome) -> web.StreamResponse:
     filename = validate_name(request.match_info["filename"], "filename")
     body = await read_model(request, LoadRequest)
     folder = validate_name(body.folder, "folder")
@@ -453,10 +494,12 @@ async def load(request: web.Request) -> web.StreamResponse:
                 await response.write(chunk)
             await response.write_eof()
         except ConnectionResetError:
+            outcome.value = CLIENT_GONE
             logger.info("client went away during the load of {}/{}", folder, filename)
         except errors.LoaderError as exc:
             # The headers are out: cut the body short, so the client sees an incomplete answer
             # (fewer bytes than Content-Length) rather than a JSON error inside the data.
+            outcome.value = outcome_of(exc)
             logger.error("load of {}/{} failed mid-stream: {}", folder, filename, exc)
             if request.transport is not None:
                 request.transport.close()
@@ -466,6 +509,11 @@ async def load(request: web.Request) -> web.StreamResponse:
 
 
 async def upload(request: web.Request) -> web.Response:
+    with _counted(request, "upload"):
+        return await _upload(request)
+
+
+async def _upload(request: web.Request) -> web.Response:
     filename = validate_name(request.match_info["filename"], "filename")
     settings = request.app[SERVICES].settings
     limit = settings.loader_max_upload_bytes
@@ -547,6 +595,12 @@ async def _limited(part: BodyPartReader, limit: int, stall: float) -> AsyncItera
         yield chunk
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format; the registry is the app's own (``agent.metrics``)."""
+    body = request.app[METRICS].exposition()
+    return web.Response(body=body, headers={hdrs.CONTENT_TYPE: CONTENT_TYPE_LATEST})
+
+
 async def openapi_document(request: web.Request) -> web.Response:
     from agent.openapi import build_document
 
@@ -567,6 +621,8 @@ class Endpoint:
     ok_status: tuple[int, ...] = (200,)
     errors: tuple[int, ...] = ()
     binary_response: bool = False
+    # The media type of a text answer that is not JSON (as documented: no parameters).
+    text_response: str | None = None
     multipart_request: bool = False
     # Open to every local peer: read-only, reveals no secret and no protected data. Any other
     # endpoint needs an allowed peer (``PeerCheck``), so a new endpoint is closed by default.
@@ -594,6 +650,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              errors=(404, 413, 415)),
     Endpoint("GET", "/unlock/status", unlock_status, "Progress of the unlock",
              response=UnlockStatus, open_to_all=True),
+    Endpoint("GET", "/metrics", metrics, "Prometheus metrics (text exposition format)",
+             text_response="text/plain", open_to_all=True),
     Endpoint("GET", "/openapi.json", openapi_document, "This document (OpenAPI 3.1)",
              open_to_all=True),
 )  # fmt: skip
@@ -604,11 +662,18 @@ ERROR_SCHEMA = ErrorResponse
 def create_app(services: Services) -> web.Application:
     open_handlers = frozenset(e.handler for e in ENDPOINTS if e.open_to_all)
     peer_check = PeerCheck(services.access, open_handlers)
+    metrics = Metrics(services)
     app = web.Application(
-        middlewares=[error_middleware, local_only_middleware, peer_check.middleware],
+        middlewares=[
+            metrics.middleware,  # outermost: counts the status the caller gets
+            error_middleware,
+            local_only_middleware,
+            peer_check.middleware,
+        ],
         client_max_size=services.settings.loader_max_json_bytes,
     )
     app[SERVICES] = services
+    app[METRICS] = metrics
     app.on_response_prepare.append(hardening_headers)
     for endpoint in ENDPOINTS:
         app.router.add_route(endpoint.method, endpoint.path, endpoint.handler)

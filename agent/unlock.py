@@ -21,6 +21,9 @@ or cancelled load drops the connection mid-body, and the engine keeps nothing of
 A successful unlock is recorded (atomically) in ``LOADER_STATE_DIR/unlock.json``: the archive's
 digest and the image IDs. At the next boot, the same archive with all those images present
 goes straight to ready with no network.
+
+``UnlockManager.stats`` keeps what ``/metrics`` reads beside the state: how long each stage of
+the latest unlock took, the plaintext bytes decrypted from the archive, and the retries by cause.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -63,7 +66,7 @@ from agent.errors import (
 )
 from agent.images import ImageEngine
 from agent.pack import ArchiveManifest, ImageEntry, PayloadSplitter
-from agent.retry import RetryPolicy, retry_call
+from agent.retry import RetryCounts, RetryPolicy, retry_call
 from agent.settings import Settings
 from agent.stream import HEADER_SIZE, decrypt_iter
 
@@ -102,6 +105,17 @@ STAGE_LABELS = {
     UnlockState.LOADING: "loading images",
     UnlockState.VERIFYING: "verifying images",
 }
+
+
+@dataclass
+class UnlockStats:
+    """What ``/metrics`` reads of the unlocks since the agent started."""
+
+    # Seconds each stage took in its latest run (waits between retries included), until it
+    # finished, failed or was stopped.
+    stage_seconds: dict[UnlockState, float] = field(default_factory=dict)
+    decrypted_bytes: int = 0  # the archive's plaintext, added by the worker thread per piece
+    retries: RetryCounts = field(default_factory=RetryCounts)
 
 
 class UnlockCancelled(UnlockError):
@@ -269,16 +283,27 @@ def until_cancelled(pieces: Iterable[bytes], cancel: threading.Event) -> Iterato
         yield piece
 
 
+def counted(pieces: Iterable[bytes], count: Callable[[int], None]) -> Iterator[bytes]:
+    """Pass ``pieces`` on, telling ``count`` each one's size (once per piece, not per byte)."""
+    for piece in pieces:
+        count(len(piece))
+        yield piece
+
+
 def load_archive(
     path: Path,
     fragments: list[bytes],
     engine_factory: Callable[[], ImageEngine],
     cancel: threading.Event,
     progress: Callable[[int], None],
+    decrypted: Callable[[int], None] = lambda size: None,
 ) -> LoadOutcome:
-    """Decrypt ``path`` straight into the engine's image load. Blocking: run in a thread."""
+    """Decrypt ``path`` straight into the engine's image load. Blocking: run in a thread.
+
+    ``progress`` is told the archive bytes read so far, ``decrypted`` each authenticated piece's
+    size."""
     reader = ArchiveReader(path, cancel, progress)
-    splitter = PayloadSplitter(decrypt_iter(reader.chunks(), fragments))
+    splitter = PayloadSplitter(counted(decrypt_iter(reader.chunks(), fragments), decrypted))
     manifest = splitter.read_manifest()  # wrong key or foreign file: fails before Docker
     with engine_factory() as engine:
         loaded = engine.load(until_cancelled(held_back(splitter.tar_chunks()), cancel))
@@ -375,6 +400,7 @@ class UnlockManager:
         self._task: asyncio.Task[None] | None = None
         self._cancel = threading.Event()
         self._stage_started = time.monotonic()
+        self.stats = UnlockStats()
 
     # -- what callers see ----------------------------------------------------------------------
 
@@ -442,6 +468,7 @@ class UnlockManager:
         self._error = None
         self._waiting = None
         self._progress = Progress()
+        self.stats.stage_seconds.clear()  # the stages of this unlock only
         self._cancel = threading.Event()
         self._task = asyncio.create_task(self._run(), name="unlock")
         self._set_state(UnlockState.CHECKING)
@@ -529,11 +556,15 @@ class UnlockManager:
             self._set_state(state)
             return await step()
 
-        result = await retry_call(attempt, self._policy, on_retry=self._on_retry)
-        logger.info("unlock {} done in {:.2f} s", state.value, time.monotonic() - began)
+        try:
+            result = await retry_call(attempt, self._policy, on_retry=self._on_retry)
+        finally:
+            self.stats.stage_seconds[state] = time.monotonic() - began
+        logger.info("unlock {} done in {:.2f} s", state.value, self.stats.stage_seconds[state])
         return result
 
     def _on_retry(self, attempt: int, delay: float, exc: BaseException) -> None:
+        self.stats.retries.record("unlock", exc)
         waiting_for = "the Docker engine" if isinstance(exc, DockerUnavailable) else "network"
         self._waiting = Waiting(attempt + 1, time.monotonic() + delay, waiting_for, str(exc))
         self._set_state(UnlockState.WAITING)
@@ -603,8 +634,13 @@ class UnlockManager:
                 with contextlib.suppress(RuntimeError):  # loop closed during shutdown
                     loop.call_soon_threadsafe(self._set_progress, done)
 
+        def decrypted(size: int) -> None:  # worker thread; the loop only reads the sum
+            self.stats.decrypted_bytes += size
+
         outcome = await self._in_thread(
-            lambda: load_archive(archive, fragments, self._engine_factory, self._cancel, progress)
+            lambda: load_archive(
+                archive, fragments, self._engine_factory, self._cancel, progress, decrypted
+            )
         )
         self._set_progress(outcome.archive.size)
         elapsed = max(time.monotonic() - self._stage_started, 1e-6)
