@@ -155,6 +155,18 @@ install_files() {
 	{ cat "$PKG/copyright.in"; bundled_licenses "$stage"; } >"$doc/copyright"
 	sed "s/@VERSION@/$version/" "$PKG/$NAME.1" | gzip -9n >"$stage/usr/share/man/man1/$NAME.1.gz"
 	install -m 0644 "$PKG/lintian-overrides" "$stage/usr/share/lintian/overrides/$NAME"
+	shell_completions "$stage"
+}
+
+# bash and zsh completion, generated from the command line's own parser by the environment just
+# built: -I only its own modules, -B no bytecode in the staging tree, env -i no setting of this
+# machine (LOADER_SOCKET_PATH would change the default the scripts show).
+shell_completions() {
+	local stage=$1 bash_dir=$1/usr/share/bash-completion/completions
+	local zsh_dir=$1/usr/share/zsh/vendor-completions
+	install -d "$bash_dir" "$zsh_dir"
+	env -i "$stage$PREFIX/bin/python" -I -B -m agent completion bash >"$bash_dir/$NAME"
+	env -i "$stage$PREFIX/bin/python" -I -B -m agent completion zsh >"$zsh_dir/_$NAME"
 }
 
 write_control() {

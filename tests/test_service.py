@@ -243,9 +243,10 @@ def test_socket_activation_with_inherited_sockets(agent_root: Path) -> None:
 def test_cli_status_human_and_json(shared_agent: AgentProcess) -> None:
     agent = shared_agent
     human = agent.cli("status")
-    assert human.returncode == 0, human.stderr
+    assert human.returncode == 2, human.stderr  # serving, images locked (nothing unlocked)
     assert "healthy" in human.stdout and "images:" in human.stdout
     machine = agent.cli("status", "--json")
+    assert machine.returncode == 2
     data = json.loads(machine.stdout)
     assert data["status"] == "healthy" and "unlock" in data
 

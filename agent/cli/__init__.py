@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from agent import __version__
-from agent.cli import crypto, devapi, local, publish
+from agent.cli import completion, crypto, devapi, local, publish
 from agent.errors import ConfigError, LoaderError
 
 PROG = "azaion-loader"
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Azaion boot-time unlock agent.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (local, crypto, publish, devapi):
+    for module in (local, crypto, publish, completion, devapi):
         module.register(sub)
     return parser
 

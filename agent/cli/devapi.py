@@ -20,7 +20,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (0: any free one; default 8080)")
-    p.add_argument("--data-dir", type=Path, required=True, help="where parts are kept")
+    p.add_argument(
+        "--data-dir", type=Path, required=True, metavar="DIR", help="where parts are kept"
+    )
     p.add_argument(
         "--user",
         action="append",

@@ -18,14 +18,34 @@ from agent.errors import LoaderError
 from agent.localclient import AgentClient
 
 UNLOCK_POLL_SECONDS = 0.5
-DONE_STATES = ("ready", "error")
+# The unlock states that end a run, as the agent's API names them (GET /unlock/status).
+READY, ERROR = "ready", "error"
+DONE_STATES = (READY, ERROR)
+
+# ``status`` exits like ``vault status``: scripts and probes branch on the code alone.
+STATUS_READY = 0  # the images are unlocked
+STATUS_ERROR = 1  # the unlock failed, or the agent cannot be reached (``main``'s failure code)
+STATUS_LOCKED = 2  # locked, or the unlock is in progress
+STATUS_EPILOG = f"""\
+exit status (as `vault status`):
+  {STATUS_READY}  the images are ready (unlock state "{READY}")
+  {STATUS_ERROR}  error: the unlock failed (state "{ERROR}"), or the agent cannot be reached
+  {STATUS_LOCKED}  the images are locked or their unlock is in progress (any other state)
+"""
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="run the agent (what the systemd unit starts)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("status", help="print the running agent's status")
+    p = sub.add_parser(
+        "status",
+        help="print the running agent's status",
+        description="Print the running agent's status; with --json the agent's own GET /status "
+        "document, unchanged. The exit status tells the state of the images.",
+        epilog=STATUS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _socket_options(p)
     p.set_defaults(func=cmd_status)
 
@@ -42,12 +62,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("load", help="fetch and decrypt a resource through the running agent")
     p.add_argument("name")
     p.add_argument("--folder", required=True)
-    p.add_argument("-o", "--output", help="output file ('-' for stdout; default: ./NAME)")
+    p.add_argument(
+        "-o", "--output", metavar="OUT", help="output file ('-' for stdout; default: ./NAME)"
+    )
     _socket_options(p)
     p.set_defaults(func=cmd_load)
 
     p = sub.add_parser("upload", help="encrypt, split and upload a resource")
-    p.add_argument("file", type=Path)
+    p.add_argument("file", type=Path, metavar="FILE")
     p.add_argument("--folder", required=True)
     p.add_argument("--name", help="resource name (default: the file's name)")
     _socket_options(p)
@@ -77,7 +99,9 @@ def _print(args: argparse.Namespace, data: dict[str, Any], human: str) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     data = AgentClient(args.socket).get_json("/status")
-    unlock = data.get("unlock") or {}
+    unlock = data.get("unlock")
+    if not isinstance(unlock, dict) or not isinstance(unlock.get("state"), str):
+        raise LoaderError("the agent's status names no unlock state")
     lines = [
         f"azaion-loader {data.get('version', '?')}: {data.get('status')}",
         f"  authenticated: {'yes' if data.get('authenticated') else 'no'}",
@@ -85,7 +109,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"  images:        {describe_unlock(unlock)}",
     ]
     _print(args, data, "\n".join(lines))
-    return 0
+    return status_exit_code(unlock["state"])
+
+
+def status_exit_code(state: str) -> int:
+    if state == READY:
+        return STATUS_READY
+    if state == ERROR:
+        return STATUS_ERROR
+    return STATUS_LOCKED
 
 
 def describe_unlock(snapshot: dict[str, Any]) -> str:
@@ -125,7 +157,7 @@ def cmd_unlock(args: argparse.Namespace) -> int:
     snapshot = client.post_json("/unlock")
     if not args.wait:
         _print(args, snapshot, describe_unlock(snapshot))
-        return 0 if snapshot.get("state") != "error" else 1
+        return 0 if snapshot.get("state") != ERROR else 1
     progress = Progress("unlock")
     try:
         while snapshot.get("state") not in DONE_STATES:
@@ -139,7 +171,7 @@ def cmd_unlock(args: argparse.Namespace) -> int:
             snapshot = client.get_json("/unlock/status")
     finally:
         progress.close()
-    if snapshot.get("state") == "error":
+    if snapshot.get("state") == ERROR:
         raise LoaderError(f"unlock failed: {snapshot.get('error')}")
     _print(args, snapshot, describe_unlock(snapshot))
     return 0
