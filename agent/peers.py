@@ -51,6 +51,11 @@ _SOCKID_TAIL = struct.Struct("=III")
 # uid, inode.
 _DIAG_MSG_UID = struct.Struct("=II")
 _DIAG_MSG_UID_OFFSET = 4 + 48 + 12
+# TCP states (include/net/tcp_states.h) in which a client socket still belongs to a process
+# that has it open. Once the process has closed it, the kernel keeps a time-wait entry (states
+# TIME_WAIT, or FIN_WAIT2 as its sub-state) that reports uid 0 and inode 0: never an identity.
+TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_CLOSE_WAIT = 1, 4, 5, 8
+OWNED_STATES = frozenset({TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_CLOSE_WAIT})
 _UCRED = struct.Struct("=iII")  # pid, uid, gid
 
 
@@ -156,7 +161,10 @@ def _parse_owner(answer: bytes, seq: int) -> int | None:
             if kind == NLMSG_ERROR:
                 return None  # e.g. -ENOENT: no such socket
             if kind == SOCK_DIAG_BY_FAMILY and length >= _NLMSGHDR.size + _DIAG_MSG_UID_OFFSET + 8:
-                uid, _inode = _DIAG_MSG_UID.unpack_from(answer, body + _DIAG_MSG_UID_OFFSET)
+                state = answer[body + 1]
+                uid, inode = _DIAG_MSG_UID.unpack_from(answer, body + _DIAG_MSG_UID_OFFSET)
+                if inode == 0 or state not in OWNED_STATES:
+                    return None  # closed by its process (time-wait): owned by nobody now
                 return int(uid)
         offset += (length + 3) & ~3
     return None
