@@ -489,10 +489,11 @@ class ResourceApiClient:
         url = await self._cdn_base() / folder / name
         sent: list[bool] = []
 
+        # The CDN must take the body at the least rate too, over all attempts: a reader that
+        # drips holds the upload's caller (the deadline also bounds each request).
+        guard = TransferGuard(self.limits, CDN, f"upload of big part {folder}/{name}")
+
         def make_body() -> AsyncIterable[bytes]:
-            # The CDN must take the body at the least rate too: a reader that drips holds the
-            # upload's caller (the deadline also bounds the whole request).
-            guard = TransferGuard(self.limits, CDN, f"upload of big part {folder}/{name}")
             if isinstance(body, Path):
                 return guard.watch(_file_chunks(body))
             if sent:
@@ -738,7 +739,9 @@ async def _raise_for_status(
         return
     if not call.login:  # a login's answer may echo the password: never logged
         await _log_excerpt(call, response)
-    raise status_error(call, status, response.headers.get("Retry-After"), relogged)
+    error = status_error(call, status, response.headers.get("Retry-After"), relogged)
+    error.upstream_status = status
+    raise error
 
 
 def status_error(call: _Call, status: int, retry_after: str | None, relogged: bool) -> LoaderError:
@@ -817,6 +820,8 @@ def translate_error(exc: BaseException, call: _Call) -> LoaderError:
     """The one place where aiohttp and OS errors become the agent's errors."""
     if isinstance(exc, LoaderError):
         return exc
+    if isinstance(exc.__cause__, LoaderError):
+        return exc.__cause__  # ours, raised inside aiohttp (a request body's TransferGuard)
     where = f"the {call.upstream}"
     if isinstance(exc, aiohttp.InvalidURL):
         return ConfigError(f"the URL of {where} is not valid")

@@ -178,6 +178,11 @@ class BigPartCache:
         per part however many callers ask at once."""
         path = self.path(folder, name)
         task = self._inflight.get(path)
+        if task is not None and task.cancelling():
+            # Abandoned by its last caller and still winding down: let it finish (its last
+            # write lands) and start afresh, rather than share a download that is ending.
+            await asyncio.gather(task, return_exceptions=True)
+            task = self._inflight.get(path)
         if task is None:
             task = asyncio.create_task(self._ensure(path, size, sha256, download))
             self._inflight[path] = task
@@ -325,12 +330,12 @@ class BigPartCache:
                 if pending_size >= WRITE_BATCH:
                     # Taken out first: cancelled while its thread writes, it is not written twice.
                     batch, pending, pending_size = pending, [], 0
-                    await asyncio.to_thread(partial.append, batch)
+                    await _write_through_cancel(partial, batch)
                 if received >= size:
                     break
         finally:
             if pending:  # keep what arrived before a break: the next pass resumes after it
-                await asyncio.to_thread(partial.append, pending)
+                await _write_through_cancel(partial, pending)
             await _aclose(stream)
 
     # -- writing (uploads) -----------------------------------------------------------------
@@ -413,6 +418,17 @@ def _size_of(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
+
+
+async def _write_through_cancel(partial: _Partial, batch: list[bytes]) -> None:
+    """Append ``batch`` in a worker thread; cancelled meanwhile, wait for the thread to finish
+    the write before giving up, so no write to the partial file outlives its download."""
+    write = asyncio.ensure_future(asyncio.to_thread(partial.append, batch))
+    try:
+        await asyncio.shield(write)
+    except asyncio.CancelledError:
+        await asyncio.gather(write, return_exceptions=True)
+        raise
 
 
 async def _aclose(stream: AsyncIterator[bytes]) -> None:

@@ -119,7 +119,7 @@ class AgentRequestHandler(web.RequestHandler):
     """aiohttp's HTTP protocol, plus: frees its listener's slot when closed, and answers a
     caller that half-closed after complete requests."""
 
-    __slots__ = ("_half_closed", "_on_close")
+    __slots__ = ("_caller_eof", "_half_closed", "_on_close")
 
     def __init__(
         self,
@@ -132,6 +132,16 @@ class AgentRequestHandler(web.RequestHandler):
         super().__init__(manager, loop=loop, **options)
         self._on_close: Callable[[], None] | None = on_close
         self._half_closed = False
+        self._caller_eof: asyncio.Future[None] = loop.create_future()
+
+    @property
+    def caller_eof(self) -> asyncio.Future[None]:
+        """Done once the caller has closed its side (half-closed or gone: TCP cannot tell)."""
+        return self._caller_eof
+
+    def _mark_eof(self) -> None:
+        if not self._caller_eof.done():
+            self._caller_eof.set_result(None)
 
     def release(self) -> None:
         """Give the slot back (once, however often called)."""
@@ -140,11 +150,13 @@ class AgentRequestHandler(web.RequestHandler):
             on_close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        self._mark_eof()
         super().connection_lost(exc)
         self.release()
 
     def eof_received(self) -> bool:  # type: ignore[override]  # asyncio.Protocol: bool | None
         """Keep the write side open (``True``) while there is a request to answer."""
+        self._mark_eof()
         waiting = self._waiter is not None and not self._waiter.done()
         if waiting and not self._messages:
             return False  # nothing asked, or only part of a head: asyncio closes as before
@@ -284,3 +296,10 @@ class BoundedSite(web.BaseSite):
                 ACCEPT_RETRY_DELAY,
                 f" ({held_back} more failures since the last line)" if held_back else "",
             )
+
+
+def caller_eof(request: web.BaseRequest) -> asyncio.Future[None] | None:
+    """The future that ``AgentRequestHandler`` completes when the caller closes its side, or
+    None for a connection served otherwise (a test's own server)."""
+    protocol = request.protocol
+    return protocol.caller_eof if isinstance(protocol, AgentRequestHandler) else None

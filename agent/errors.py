@@ -43,6 +43,9 @@ class LoaderError(Exception):
     token, key fragment or data key into it.
     """
 
+    # The HTTP status an upstream answered with, when the error is that answer (api_client).
+    upstream_status: int | None = None
+
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message

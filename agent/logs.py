@@ -157,15 +157,30 @@ class RepeatLimit:
 class JournalStream:
     """A loguru sink for journald's stream: every line of an entry (a traceback's too) carries
     the entry's ``<N>`` priority prefix, since journald reads the prefix line by line and gives
-    a line without one the default priority (info)."""
+    a line without one the default priority (info). A traceback's lines are scrubbed and
+    escaped like messages (an exception's text may carry a caller's bytes or a secret)."""
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
 
     def write(self, message: Message) -> None:
         priority = SYSLOG_PRIORITY.get(message.record["level"].name, 6)
-        lines = str(message).rstrip("\n").split("\n")
+        first, *rest = str(message).rstrip("\n").split("\n")  # the message: safe already
+        lines = [first, *(one_line(scrub(line)) for line in rest)]
         self._stream.write("".join(f"<{priority}>{line}\n" for line in lines))
+        self._stream.flush()
+
+
+class ConsoleStream:
+    """The sink on a terminal or a file: tracebacks scrubbed of secrets like messages (their
+    colours stay, so they are not escaped)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, message: Message) -> None:
+        text = str(message)
+        self._stream.write(scrub(text) if message.record["exception"] else text)
         self._stream.flush()
 
 
@@ -211,9 +226,10 @@ def setup_logging(level: str = "INFO", environ: Mapping[str, str] | None = None)
         )
     else:
         logger.add(
-            sys.stderr,
+            ConsoleStream(sys.stderr),
             level=level,
             format=_CONSOLE_FORMAT,
+            colorize=sys.stderr.isatty(),
             filter=limit,
             backtrace=False,
             diagnose=False,

@@ -179,9 +179,9 @@ class ResourceStore:
             stored_big = True
             packed = small.pack()
             await self._api.put_small_part(folder, name, packed)
-        except BaseException:
+        except BaseException as exc:
             self._cache.forget(big_path)  # no small part will ever point at it
-            if stored_big:
+            if stored_big and _refused(exc):
                 await self._remove_orphan(folder, small.big_name)
             raise
         return UploadResult(folder, name, size, len(packed), small.big_size, small.big_name)
@@ -441,6 +441,14 @@ async def _encrypt_into(chunks: AsyncIterable[bytes], splitter: _Splitter, spool
     if batch:
         await asyncio.to_thread(splitter.feed, bytes(batch), spool)
     return size
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether the API certainly did not store the small part: it answered a redirect or a
+    4xx. After a timeout, a 5xx or a lost connection it may have stored it (or an earlier
+    attempt did): removing the big part then could break a stored resource, so it stays."""
+    status = exc.upstream_status if isinstance(exc, LoaderError) else None
+    return status is not None and 300 <= status < 500
 
 
 def _big_prefix(fragment: bytes) -> bytes:

@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 
 from agent import __version__, errors
+from agent.connections import caller_eof
 from agent.defaults import NAME_MAX_LENGTH
 from agent.logs import quote
 from agent.metrics import Metrics
@@ -279,13 +280,15 @@ class PeerCheck:
         self._groups = AccountGroups()
         self._peers: weakref.WeakKeyDictionary[object, Peer] = weakref.WeakKeyDictionary()
 
-    def peer(self, request: web.Request) -> Peer:
+    async def peer(self, request: web.Request) -> Peer:
         transport = request.transport
         if transport is None:
             return Peer("unknown", None)
         peer = self._peers.get(transport)
         if peer is None:
-            peer = identify(transport.get_extra_info("socket"), self._groups)
+            # In a worker thread: the user database behind the groups may be NSS (LDAP, sssd).
+            sock = transport.get_extra_info("socket")
+            peer = await asyncio.to_thread(identify, sock, self._groups)
             self._peers[transport] = peer
         return peer
 
@@ -296,7 +299,7 @@ class PeerCheck:
             return await handler(request)
         if not PEER_CHECK:
             return await handler(request)
-        peer = self.peer(request)
+        peer = await self.peer(request)
         if self._policy.allows(peer):
             return await handler(request)
         logger.warning(
@@ -339,6 +342,7 @@ def is_safe_name(value: object) -> TypeGuard[str]:
 
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 _NAME_ERRORS = frozenset({"string_pattern_mismatch", "string_too_long"})
 NAME_FIELDS = frozenset({"folder", "filename"})
 
@@ -477,7 +481,9 @@ async def _load(request: web.Request, outcome: _Outcome) -> web.StreamResponse:
     folder = validate_name(body.folder, "folder")
     if body.filename is not None and body.filename != filename:
         raise errors.RequestError("filename in the body differs from the one in the path")
-    resource = await request.app[SERVICES].resources.open(folder, filename)
+    resource = await _unless_caller_leaves(
+        request, request.app[SERVICES].resources.open(folder, filename)
+    )
     try:
         # Pull the first verified chunk before the headers go out, so that a wrong key or a
         # tampered first chunk is still a JSON error rather than a cut-off body.
@@ -506,6 +512,25 @@ async def _load(request: web.Request, outcome: _Outcome) -> web.StreamResponse:
         return response
     finally:
         await resource.aclose()
+
+
+async def _unless_caller_leaves(request: web.Request, opening: Awaitable[T]) -> T:
+    """Await ``opening`` (which may wait for a whole CDN download) unless the caller closes
+    its side first: then it is given up (the download stops when nobody else waits for it).
+    TCP cannot tell a half-close from a departure; like a proxy, the agent takes it as one."""
+    eof = caller_eof(request)
+    if eof is None:
+        return await opening
+    task = asyncio.ensure_future(opening)
+    try:
+        await asyncio.wait((task, eof), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ConnectionResetError("the caller left while the resource was being fetched")
+    return task.result()
 
 
 async def upload(request: web.Request) -> web.Response:

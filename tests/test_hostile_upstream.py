@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -423,20 +424,22 @@ def test_the_overall_deadline_ends_a_slow_steady_download(
 
 
 def test_a_download_nobody_waits_for_stops(agent: AgentProcess, hostile: HostileUpstream) -> None:
-    assert upload(agent, "gone.bin").status == 200
+    """3 MB at 20 KB/s would take 150 s (above the minimum rate, within no deadline soon): the
+    download must end because its only caller left, not because it finished or timed out."""
+    assert upload(agent, "gone.bin", os.urandom(3_000_000)).status == 200
     clear_cache(agent)
-    stopped = asyncio.Event()
-    loop: list[asyncio.AbstractEventLoop] = []
+    stopped = threading.Event()
+    sent: list[int] = []
 
     async def slow(request: web.Request) -> web.StreamResponse:
-        loop.append(asyncio.get_running_loop())
         response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
         response.content_length = 10_000_000
         await response.prepare(request)
         try:
             for _ in range(10_000):
-                await response.write(b"z" * 4096)
-                await asyncio.sleep(0.05)
+                await response.write(b"z" * 2048)
+                sent.append(2048)
+                await asyncio.sleep(0.1)
         except (ConnectionError, asyncio.CancelledError):
             stopped.set()
             raise
@@ -445,8 +448,23 @@ def test_a_download_nobody_waits_for_stops(agent: AgentProcess, hostile: Hostile
     hostile.behave("cdn_get", slow)
     with pytest.raises(TimeoutError):
         agent.request("POST", "/load/gone.bin", {"folder": FOLDER}, timeout=2)
+    left = time.monotonic()
     # The caller has gone: the agent ends the download (the CDN sees its connection close).
-    wait_for(stopped.is_set, 15, "the CDN download to stop")
+    wait_for(stopped.is_set, 10, "the CDN download to stop")
+    assert time.monotonic() - left < 8
+    assert sum(sent) < 1_000_000  # far from done: stopped, not finished
+    # Its partial file stays, to be resumed by the next load that asks.
+    assert any(p.name.endswith(".part") for p in cache_files(agent))
+
+
+def test_an_ambiguous_small_part_failure_keeps_the_big_part(
+    agent: AgentProcess, hostile: HostileUpstream
+) -> None:
+    """After a 5xx (the API may have stored the small part), the big part is not removed."""
+    hostile.behave("small_put", answer(503, {"message": MARKER}))
+    assert_error(upload(agent, "maybe.bin"), 503, "Resource API", "HTTP 503")
+    assert hostile.requests("cdn_delete") == []
+    assert len(hostile.big) == 1
 
 
 # -- 7. names: one maximum everywhere, no orphans ---------------------------------------------

@@ -278,3 +278,19 @@ def test_a_forged_email_cannot_add_a_line_to_the_agents_log(make_agent: MakeAgen
     assert all(line[:3] in ("<7>", "<6>", "<5>", "<4>", "<3>", "<2>") for line in lines), lines
     assert not any("disk failure" in line and line.startswith("<2>") for line in lines), lines
     assert "\x1b" not in log and "\u2028" not in log
+
+
+def test_a_traceback_is_scrubbed_and_escaped_like_a_message(journal: Lines) -> None:
+    """An exception's text may carry a secret or a caller's bytes: the traceback's lines are
+    held to the same rules as messages."""
+    secret = "s3cr3t-in-an-exception"
+    register_secret(secret)
+    try:
+        raise ValueError(f"bad {secret}\rforged\x1b[2J")
+    except ValueError:
+        logger.exception("failed")
+    lines = journal()
+    text = "\n".join(lines)
+    assert secret not in text and "***" in text
+    assert "\x1b" not in text and "\r" not in text
+    assert any(line.startswith("<3>ValueError: bad ***\\rforged\\x1b[2J") for line in lines)

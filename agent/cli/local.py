@@ -14,7 +14,7 @@ from typing import Any
 
 from agent.cli.progress import Progress
 from agent.defaults import DEFAULT_SOCKET_PATH
-from agent.errors import LoaderError
+from agent.errors import ConfigError, LoaderError
 from agent.localclient import AgentClient
 
 UNLOCK_POLL_SECONDS = 0.5
@@ -98,7 +98,10 @@ def _print(args: argparse.Namespace, data: dict[str, Any], human: str) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    data = AgentClient(args.socket).get_json("/status")
+    try:
+        data = AgentClient(args.socket).get_json("/status")
+    except ConfigError as exc:  # 2 means "locked" here: a probe must see an error as 1
+        raise LoaderError(str(exc)) from exc
     unlock = data.get("unlock")
     if not isinstance(unlock, dict) or not isinstance(unlock.get("state"), str):
         raise LoaderError("the agent's status names no unlock state")
