@@ -110,13 +110,6 @@ class TransferGuard:
         self._window_start = now
         self._window_bytes = 0
 
-    def time_left(self) -> float:
-        """Seconds until the next check must happen even if no byte arrives."""
-        end = self._deadline_at
-        if self._limits.min_rate:
-            end = min(end, self._window_start + self._limits.window)
-        return max(0.0, end - self._clock())
-
     def count(self, received: int) -> None:
         """Account for ``received`` bytes (0 when a wait ran out); raise if the transfer is
         past its deadline or below its minimum rate over a full window."""
@@ -137,34 +130,12 @@ class TransferGuard:
             self._window_start, self._window_bytes = now, 0
 
     async def watch(self, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-        """``chunks``, each awaited no longer than the guard allows."""
-        iterator = aiter(chunks)
-        # The next chunk is awaited in a task of its own: a check that falls due while it is
-        # pending must not cancel it (that would break the iterator off mid-read).
-        pending: asyncio.Future[bytes] | None = None
-        try:
-            while True:
-                if pending is None:
-                    pending = asyncio.ensure_future(anext(iterator))
-                done, _ = await asyncio.wait((pending,), timeout=self.time_left())
-                if not done:
-                    self.count(0)  # raises unless the window was met already
-                    continue
-                try:
-                    chunk = pending.result()
-                except StopAsyncIteration:
-                    return
-                finally:
-                    pending = None
-                self.count(len(chunk))
-                yield chunk
-        finally:
-            if pending is not None:
-                pending.cancel()
-                await asyncio.gather(pending, return_exceptions=True)
-            close = getattr(iterator, "aclose", None)
-            if close is not None:
-                await close()
+        """``chunks``, each counted as it arrives. A read that gets nothing at all is ended by
+        the client's read timeout, which is at most one window (``ResourceApiClient``)."""
+        self.count(0)  # a pass (a resumption) that would start past a limit does not start
+        async for chunk in chunks:
+            self.count(len(chunk))
+            yield chunk
 
 
 class UpstreamThrottled(UpstreamUnavailable):
@@ -242,8 +213,10 @@ class ResourceApiClient:
             total=request_timeout, sock_connect=connect_timeout
         )
         self.limits = limits or TransferLimits()
+        # A big part's read that brings nothing for a whole rate window is below any minimum.
+        stall = min(read_timeout, self.limits.window) if self.limits.min_rate else read_timeout
         self._big_timeout = aiohttp.ClientTimeout(
-            total=self.limits.deadline, sock_connect=connect_timeout, sock_read=read_timeout
+            total=self.limits.deadline, sock_connect=connect_timeout, sock_read=stall
         )
         self._sleep = sleep
         self._rng = rng or random.Random()

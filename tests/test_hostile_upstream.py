@@ -378,6 +378,31 @@ def test_a_dripping_cdn_ends_in_a_504_and_leaves_no_partial_file(
     assert cache_files(agent) == []
 
 
+def test_a_cdn_that_stalls_after_its_headers_ends_in_a_504(
+    agent: AgentProcess, hostile: HostileUpstream
+) -> None:
+    assert upload(agent, "stall.bin").status == 200
+    clear_cache(agent)
+    release = threading.Event()
+
+    async def stall(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.content_length = 10_000_000
+        await response.prepare(request)
+        while not release.is_set():  # headers, then nothing (until the test ends)
+            await asyncio.sleep(0.05)
+        return response
+
+    hostile.behave("cdn_get", stall)
+    started = time.monotonic()
+    try:
+        assert_error(load(agent, "stall.bin"), 504, "CDN")
+    finally:
+        release.set()
+    assert time.monotonic() - started < 10
+    assert cache_files(agent) == []
+
+
 def test_an_endless_cdn_body_fills_nothing_beyond_the_claimed_size(
     agent: AgentProcess, hostile: HostileUpstream
 ) -> None:
