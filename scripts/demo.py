@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import grp
 import hashlib
 import io
 import os
@@ -105,6 +106,7 @@ class Demo:
             IMAGES_PATH=str(self.root / "images.enc"),
             LOADER_AUTO_UNLOCK="false",  # the demo starts it itself, to show it
             LOADER_LOG_LEVEL="INFO",
+            LOADER_ALLOWED_GROUPS=grp.getgrgid(os.getgid()).gr_name,  # yours, on this machine
         )
         if self.docker_host:
             env["DOCKER_HOST"] = self.docker_host

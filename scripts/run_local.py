@@ -8,6 +8,7 @@ never for production) serves as the agent's Resource API. Ctrl-C stops both.
 from __future__ import annotations
 
 import argparse
+import grp
 import os
 import secrets
 import signal
@@ -73,6 +74,10 @@ def main() -> int:
         "IMAGES_PATH": os.environ.get("IMAGES_PATH", str(root / "images.enc")),
         "AZAION_EMAIL": EMAIL,
         "AZAION_PASSWORD": password,
+        # Your own group may use every endpoint (the package's group does not exist here).
+        "LOADER_ALLOWED_GROUPS": os.environ.get(
+            "LOADER_ALLOWED_GROUPS", grp.getgrgid(os.getgid()).gr_name
+        ),
     }
     print(
         f"dev-api (reference Resource API, not for production) on {url}\n"
