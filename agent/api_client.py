@@ -130,12 +130,27 @@ class TransferGuard:
             self._window_start, self._window_bytes = now, 0
 
     async def watch(self, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-        """``chunks``, each counted as it arrives. A read that gets nothing at all is ended by
-        the client's read timeout, which is at most one window (``ResourceApiClient``)."""
-        self.count(0)  # a pass (a resumption) that would start past a limit does not start
-        async for chunk in chunks:
-            self.count(len(chunk))
-            yield chunk
+        """``chunks``, each counted as it arrives. The rate window of each pass (attempt or
+        resumption) starts at its first byte, so waiting to connect or a pause a server asked
+        for (Retry-After) is not counted as slowness; the deadline counts everything. A read
+        that brings nothing for a whole window (the client's read timeout, at most one window)
+        is below any minimum: ``UpstreamTimeout``, not a break to resume."""
+        self.count(0)  # past the deadline, a pass does not start
+        first = True
+        try:
+            async for chunk in chunks:
+                if first:
+                    self._window_start, self._window_bytes, first = self._clock(), 0, False
+                self.count(len(chunk))
+                yield chunk
+        except BodyInterrupted as exc:
+            if self._limits.min_rate and isinstance(exc.__cause__, TimeoutError):
+                self.count(0)  # the deadline, if that is what ran out
+                raise UpstreamTimeout(
+                    f"{self._where} sent nothing of the {self._what} for "
+                    f"{self._limits.window:.0f} s (LOADER_UPSTREAM_MIN_RATE)"
+                ) from exc
+            raise
 
 
 class UpstreamThrottled(UpstreamUnavailable):
@@ -217,6 +232,11 @@ class ResourceApiClient:
         stall = min(read_timeout, self.limits.window) if self.limits.min_rate else read_timeout
         self._big_timeout = aiohttp.ClientTimeout(
             total=self.limits.deadline, sock_connect=connect_timeout, sock_read=stall
+        )
+        # An upload's answer may take a while (the CDN hashes what it stored): the full read
+        # timeout, not the rate window.
+        self._upload_timeout = aiohttp.ClientTimeout(
+            total=self.limits.deadline, sock_connect=connect_timeout, sock_read=read_timeout
         )
         self._sleep = sleep
         self._rng = rng or random.Random()
@@ -395,7 +415,23 @@ class ResourceApiClient:
             headers={"Content-Type": "application/octet-stream"},
             body=lambda: data,
         )
-        stored = await self._exchange(call, _read_stored_part)
+        ambiguous = False  # an attempt whose fate is unknown (it may have been stored)
+
+        async def attempt() -> StoredPart:
+            nonlocal ambiguous
+            try:
+                return await self._attempt(call, _read_stored_part)
+            except LoaderError as exc:
+                status = exc.upstream_status
+                ambiguous = ambiguous or status is None or status == 429 or status >= 500
+                raise
+
+        try:
+            stored = await self._retrying(attempt, call.upstream)
+        except LoaderError as exc:
+            if ambiguous:
+                exc.upstream_status = None  # not a clean refusal: an earlier try may have landed
+            raise
         _check_stored(call, stored, len(data), hashlib.sha256(data).hexdigest())
         return stored
 
@@ -534,6 +570,11 @@ class ResourceApiClient:
             clock=self._clock,
         )
 
+    def _timeout_for(self, call: _Call) -> aiohttp.ClientTimeout:
+        if not call.streaming:
+            return self._small_timeout
+        return self._big_timeout if call.method == "GET" else self._upload_timeout
+
     async def _attempt(
         self, call: _Call, read: Callable[[_Call, aiohttp.ClientResponse], Awaitable[T]]
     ) -> T:
@@ -550,7 +591,7 @@ class ResourceApiClient:
                     call.url,
                     headers=headers,
                     data=call.body() if call.body is not None else None,
-                    timeout=self._big_timeout if call.streaming else self._small_timeout,
+                    timeout=self._timeout_for(call),
                     # No endpoint follows a redirect: the login carries the password, the
                     # others the token, and a big part's GET has no need (docs/security.md).
                     allow_redirects=False,

@@ -181,7 +181,7 @@ class BigPartCache:
         if task is not None and task.cancelling():
             # Abandoned by its last caller and still winding down: let it finish (its last
             # write lands) and start afresh, rather than share a download that is ending.
-            await asyncio.gather(task, return_exceptions=True)
+            await asyncio.wait((task,))  # (waiting does not cancel it again)
             task = self._inflight.get(path)
         if task is None:
             task = asyncio.create_task(self._ensure(path, size, sha256, download))
@@ -427,7 +427,9 @@ async def _write_through_cancel(partial: _Partial, batch: list[bytes]) -> None:
     try:
         await asyncio.shield(write)
     except asyncio.CancelledError:
-        await asyncio.gather(write, return_exceptions=True)
+        while not write.done():  # however often cancelled: the thread's write is short
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait((write,))
         raise
 
 

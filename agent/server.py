@@ -484,6 +484,9 @@ async def _load(request: web.Request, outcome: _Outcome) -> web.StreamResponse:
     resource = await _unless_caller_leaves(
         request, request.app[SERVICES].resources.open(folder, filename)
     )
+    if resource is None:  # nobody to answer any more (the connection is closed)
+        outcome.value = CLIENT_GONE
+        return error_response(503, CLIENT_GONE, "the caller left before the answer was ready")
     try:
         # Pull the first verified chunk before the headers go out, so that a wrong key or a
         # tampered first chunk is still a JSON error rather than a cut-off body.
@@ -514,12 +517,14 @@ async def _load(request: web.Request, outcome: _Outcome) -> web.StreamResponse:
         await resource.aclose()
 
 
-async def _unless_caller_leaves(request: web.Request, opening: Awaitable[T]) -> T:
+async def _unless_caller_leaves(request: web.Request, opening: Awaitable[T]) -> T | None:
     """Await ``opening`` (which may wait for a whole CDN download) unless the caller closes
-    its side first: then it is given up (the download stops when nobody else waits for it).
-    TCP cannot tell a half-close from a departure; like a proxy, the agent takes it as one."""
+    its side while it runs: then it is given up (the download stops when nobody else waits),
+    the connection is closed, and None returned. TCP cannot tell a half-close from a
+    departure; like a proxy, the agent takes an EOF during the wait as one. A caller that had
+    half-closed before asking is answered as usual."""
     eof = caller_eof(request)
-    if eof is None:
+    if eof is None or eof.done():
         return await opening
     task = asyncio.ensure_future(opening)
     try:
@@ -528,9 +533,12 @@ async def _unless_caller_leaves(request: web.Request, opening: Awaitable[T]) -> 
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-    if task.cancelled():
-        raise ConnectionResetError("the caller left while the resource was being fetched")
-    return task.result()
+    if not task.cancelled():
+        return task.result()
+    logger.info("caller left while {} was being fetched", quote(request.raw_path))
+    if request.transport is not None:
+        request.transport.close()
+    return None
 
 
 async def upload(request: web.Request) -> web.Response:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -514,3 +515,68 @@ def test_a_failed_small_part_leaves_no_big_part_on_the_cdn(
     assert len(hostile.requests("cdn_put")) == 1
     assert len(hostile.requests("cdn_delete")) == 1
     assert hostile.big == {}
+
+
+def test_a_caller_that_half_closed_before_asking_gets_its_load(
+    agent: AgentProcess, hostile: HostileUpstream
+) -> None:
+    """`printf 'POST /load ...' | nc -N -U sock`: the request is complete, then the caller's
+    EOF; only an EOF during the wait for the CDN means "gone"."""
+    assert upload(agent, "half.bin").status == 200
+    body = json.dumps({"folder": FOLDER}).encode()
+    request = (
+        b"POST /load/half.bin HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        + body
+    )
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect(str(agent.socket_path))
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(1 << 16):
+            answer += chunk
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert payload == DATA
+
+
+def test_a_pause_the_cdn_asks_for_is_not_slowness(
+    agent: AgentProcess, hostile: HostileUpstream
+) -> None:
+    """503 with Retry-After longer than the rate window, then the body: the load succeeds
+    (the window starts at the first byte), it is not a 504."""
+    assert upload(agent, "pause.bin").status == 200
+    clear_cache(agent)
+    honest_get = hostile.app_handler("cdn_get")
+    calls: list[int] = []
+
+    async def busy_once(request: web.Request) -> web.StreamResponse:
+        calls.append(1)
+        if len(calls) == 1:
+            return web.json_response({"error": "busy"}, status=503, headers={"Retry-After": "2"})
+        return await honest_get(request)
+
+    hostile.behave("cdn_get", busy_once)
+    reply = load(agent, "pause.bin")
+    assert reply.status == 200 and reply.body == DATA
+    assert len(calls) == 2
+
+
+def test_a_refusal_after_an_ambiguous_attempt_keeps_the_big_part(
+    agent: AgentProcess, hostile: HostileUpstream
+) -> None:
+    """A 503 (the part may have been stored), then a 409 (that very write still in progress):
+    the last answer is a 4xx, but the big part must stay."""
+    answers = iter([(503, "busy"), (409, "in progress")])
+
+    async def unsure(request: web.Request) -> web.StreamResponse:
+        status, code = next(answers, (409, "in progress"))
+        return web.json_response({"error": code}, status=status)
+
+    hostile.behave("small_put", unsure)
+    reply = upload(agent, "unsure.bin")
+    assert reply.status == 409, reply.body
+    assert hostile.requests("cdn_delete") == []
+    assert len(hostile.big) == 1
