@@ -15,6 +15,7 @@ import re
 import socket
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 from urllib.parse import unquote
@@ -279,6 +280,12 @@ class PeerCheck:
         self._open = open_handlers
         self._groups = AccountGroups()
         self._peers: weakref.WeakKeyDictionary[object, Peer] = weakref.WeakKeyDictionary()
+        # Threads of its own: the default pool may be busy hashing big parts for minutes, and
+        # no caller's access decision should queue behind that.
+        self._lookups = ThreadPoolExecutor(max_workers=2, thread_name_prefix="peer-lookup")
+
+    def close(self) -> None:
+        self._lookups.shutdown(wait=False, cancel_futures=True)
 
     async def peer(self, request: web.Request) -> Peer:
         transport = request.transport
@@ -288,7 +295,8 @@ class PeerCheck:
         if peer is None:
             # In a worker thread: the user database behind the groups may be NSS (LDAP, sssd).
             sock = transport.get_extra_info("socket")
-            peer = await asyncio.to_thread(identify, sock, self._groups)
+            loop = asyncio.get_running_loop()
+            peer = await loop.run_in_executor(self._lookups, identify, sock, self._groups)
             self._peers[transport] = peer
         return peer
 
@@ -708,6 +716,11 @@ def create_app(services: Services) -> web.Application:
     app[SERVICES] = services
     app[METRICS] = metrics
     app.on_response_prepare.append(hardening_headers)
+
+    async def close_peer_check(app: web.Application) -> None:
+        peer_check.close()
+
+    app.on_cleanup.append(close_peer_check)
     for endpoint in ENDPOINTS:
         app.router.add_route(endpoint.method, endpoint.path, endpoint.handler)
     return app
