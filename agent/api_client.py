@@ -652,7 +652,7 @@ def parse_json(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """Parse upstream JSON with bounds: UTF-8, nesting at most ``max_depth`` (checked before
     the parser recurses), no NaN or Infinity. ``ValueError`` for anything else."""
     text = raw.decode("utf-8")  # UnicodeDecodeError is a ValueError
-    depth = deepest = 0
+    depth = 0
     in_string = escaped = False
     for char in text:  # a scan of at most MAX_JSON_BYTES characters
         if in_string:
@@ -666,8 +666,7 @@ def parse_json(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
             in_string = True
         elif char in "[{":
             depth += 1
-            deepest = max(deepest, depth)
-            if deepest > max_depth:
+            if depth > max_depth:
                 raise ValueError(f"JSON nested deeper than {max_depth}")
         elif char in "]}":
             depth -= 1

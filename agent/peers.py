@@ -23,7 +23,7 @@ import pwd
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from loguru import logger
@@ -68,15 +68,6 @@ class Peer:
     gid: int | None = None
     pid: int | None = None
     groups: frozenset[int] = field(default_factory=frozenset)
-
-    def describe(self) -> str:
-        parts = [f"uid={_or_unknown(self.uid)}", f"gid={_or_unknown(self.gid)}"]
-        parts.append(f"pid={_or_unknown(self.pid)}")
-        return " ".join(parts) + f" via {self.listener}"
-
-
-def _or_unknown(value: int | None) -> str:
-    return "unknown" if value is None else str(value)
 
 
 # -- Unix socket ------------------------------------------------------------------------------
@@ -220,10 +211,11 @@ class AccessPolicy:
         names = tuple(name.strip() for name in value.split(",") if name.strip())
         if not names:
             raise ConfigError("invalid setting LOADER_ALLOWED_GROUPS: names no group")
-        gids = set()
+        gids, present = set(), []
         for name in names:
             try:
                 gids.add(grp.getgrnam(name).gr_gid)
+                present.append(name)
             except KeyError:
                 if explicit:
                     raise ConfigError(
@@ -235,8 +227,7 @@ class AccessPolicy:
                     "upload, log in or unlock (set LOADER_ALLOWED_GROUPS)",
                     quote(name, 64),
                 )
-        present = names if explicit else tuple(n for n in names if _group_exists(n))
-        return cls(frozenset(gids), present)
+        return cls(frozenset(gids), tuple(present))
 
     def allows(self, peer: Peer) -> bool:
         if peer.uid is None:
@@ -247,14 +238,6 @@ class AccessPolicy:
         if not self.group_names:
             return "root and the agent's own user"
         return f"root, the agent's own user, or members of {', '.join(self.group_names)}"
-
-
-def _group_exists(name: str) -> bool:
-    try:
-        grp.getgrnam(name)
-    except KeyError:
-        return False
-    return True
 
 
 def identify(sock: socket.socket | None, groups_of: Callable[[int], frozenset[int]]) -> Peer:
@@ -273,13 +256,3 @@ def identify(sock: socket.socket | None, groups_of: Callable[[int], frozenset[in
             return Peer("tcp", None)
         return tcp_peer((client[0], client[1]), (server[0], server[1]), groups_of)
     return Peer("unknown", None)
-
-
-def names_of(gids: Iterable[int]) -> list[str]:
-    names = []
-    for gid in sorted(gids):
-        try:
-            names.append(grp.getgrgid(gid).gr_name)
-        except KeyError:
-            names.append(str(gid))
-    return names
