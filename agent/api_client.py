@@ -45,14 +45,17 @@ from yarl import URL
 from agent import keys
 from agent.errors import (
     BadCredentials,
+    BodyInterrupted,
     ConfigError,
     ConflictError,
     LoaderError,
     NotAuthenticated,
     PayloadTooLarge,
+    RangeNotSatisfiable,
     UpstreamError,
     UpstreamForbidden,
     UpstreamNotFound,
+    UpstreamThrottled,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -151,22 +154,6 @@ class TransferGuard:
                     f"{self._limits.window:.0f} s (LOADER_UPSTREAM_MIN_RATE)"
                 ) from exc
             raise
-
-
-class UpstreamThrottled(UpstreamUnavailable):
-    """429 (or a 5xx) that came with ``Retry-After``: ``agent.retry`` waits at least that long."""
-
-    def __init__(self, message: str, retry_after: float | None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class BodyInterrupted(UpstreamUnavailable):
-    """A big part's body broke off after the CDN had started sending it: resume with a range."""
-
-
-class RangeNotSatisfiable(UpstreamError):
-    """416: the CDN's part is not longer than the offset asked for."""
 
 
 @dataclass(frozen=True)
@@ -301,16 +288,23 @@ class ResourceApiClient:
         self._credentials = (email, password)
         self._token = None
 
-    async def login(self, email: str | None = None, password: str | None = None) -> None:
-        """Log in, retrying transient failures. With arguments, they are kept only if accepted
-        (``BadCredentials`` otherwise); without, the stored ones are used."""
+    async def login(
+        self,
+        email: str | None = None,
+        password: str | None = None,
+        *,
+        policy: RetryPolicy | None = None,
+    ) -> None:
+        """Log in, retrying transient failures (by ``policy``, else the client's). With
+        arguments, they are kept only if accepted (``BadCredentials`` otherwise); without, the
+        stored ones are used."""
         if email is None and password is None:
             credentials = self._stored_credentials()
         elif email is not None and password is not None:
             credentials = (email, password)
         else:
             raise NotAuthenticated("give both email and password to log in")
-        token = await self._retrying(lambda: self._login_once(credentials), RESOURCE_API)
+        token = await self._retrying(lambda: self._login_once(credentials), RESOURCE_API, policy)
         register_secret(credentials[1])  # accepted: from now on scrubbed from every line
         self._credentials = credentials
         self._token = token
@@ -376,8 +370,9 @@ class ResourceApiClient:
 
     # -- the Resource API --------------------------------------------------------------------
 
-    async def get_key_fragment(self) -> bytes:
-        """The images key fragment from ``/binary-split/key-fragment``."""
+    async def get_key_fragment(self, *, policy: RetryPolicy | None = None) -> bytes:
+        """The images key fragment from ``/binary-split/key-fragment``, retrying transient
+        failures (by ``policy``, else the client's)."""
         call = _Call(
             RESOURCE_API,
             "images key fragment",
@@ -386,7 +381,7 @@ class ResourceApiClient:
             authed=True,
         )
         raw = await self._exchange(
-            call, lambda c, r: _read_limited(c, r, keys.MAX_FRAGMENT_FILE_SIZE)
+            call, lambda c, r: _read_limited(c, r, keys.MAX_FRAGMENT_FILE_SIZE), policy=policy
         )
         try:
             text = raw.decode("ascii")

@@ -36,9 +36,9 @@ from loguru import logger
 
 from agent.defaults import NAME_MAX_LENGTH
 from agent.errors import (
+    CacheError,
     InvalidName,
-    LoaderError,
-    StorageError,
+    RangeNotSatisfiable,
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -52,10 +52,6 @@ FREE_SPACE_RESERVE = 64 * 1024 * 1024  # left free for the system (at most 5% of
 
 Downloader = Callable[[int], AsyncIterator[bytes]]
 """Yields a part's bytes from the given offset on (the CDN, through the API client)."""
-
-
-class CacheError(StorageError):
-    """The cache directory cannot be written: disk full, permissions, a read-only file system."""
 
 
 @contextlib.contextmanager
@@ -77,10 +73,6 @@ class CacheStats:
     hits: int = 0
     misses: int = 0
     retries: RetryCounts = field(default_factory=RetryCounts)
-
-
-class RangeRefused(LoaderError):
-    """Marker a downloader may raise when the server cannot resume at the offset asked for."""
 
 
 def check_component(value: str, kind: str) -> str:
@@ -294,7 +286,7 @@ class BigPartCache:
                     on_retry=self._count_resumption,
                     sleep=self._sleep,
                 )
-            except RangeRefused:
+            except RangeNotSatisfiable:
                 partial.drop()
                 return False
         return have == size

@@ -14,22 +14,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from agent.errors import LoaderError
+from agent.errors import AgentError, LoaderError
 
 CHUNK = 256 * 1024
 Progress = Callable[[int], None]
 
 
-class AgentError(LoaderError):
-    """The agent answered with an error; ``code`` is its short error code."""
-
-    def __init__(self, message: str, code: str, status: int) -> None:
-        super().__init__(message)
-        self.code = code
-        self.status = status
-
-
-class _UnixConnection(http.client.HTTPConnection):
+class UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: Path, timeout: float | None) -> None:
         super().__init__("localhost", timeout=timeout)
         self._path = path
@@ -57,7 +48,7 @@ class AgentClient:
         body: bytes | Iterator[bytes] | None = None,
         headers: dict[str, str] | None = None,
     ) -> http.client.HTTPResponse:
-        conn = _UnixConnection(self.socket_path, self.timeout)
+        conn = UnixConnection(self.socket_path, self.timeout)
         try:
             conn.request(method, path, body=body, headers=headers or {})
             response = conn.getresponse()

@@ -22,8 +22,7 @@ from __future__ import annotations
 import platform
 import time
 from collections import Counter as Tally
-from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
 
 from aiohttp import hdrs, web
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
@@ -31,10 +30,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from agent import __version__
-from agent.unlock import UnlockState
-
-if TYPE_CHECKING:
-    from agent.server import Services
+from agent.routes import Handler, Services
+from agent.schemas import UnlockState
 
 PREFIX = "azaion_loader"
 UNMATCHED = "unmatched"  # the route of a request that matched none (404, 405)
@@ -45,8 +42,6 @@ LATENCY_BUCKETS = (
     *(1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, float("inf")),
 )
 RESOURCE_OPERATIONS = ("load", "upload")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Metrics:
@@ -107,6 +102,9 @@ def route_labels(request: web.Request) -> tuple[str, str]:
         method = request.method if request.method in hdrs.METH_ALL else OTHER_METHOD
         return UNMATCHED, method
     return route.resource.canonical, route.method
+
+
+METRICS = web.AppKey("metrics", Metrics)
 
 
 class ServicesCollector(Collector):

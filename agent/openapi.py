@@ -5,17 +5,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel
 
 from agent import __version__
 from agent.defaults import NAME_MAX_LENGTH
+from agent.routes import COMMON_ERRORS, ERROR_SCHEMA, LOOPBACK_AUTHORITY, SAFE_NAME_RULE, Endpoint
 from agent.schemas import NAME_PATTERN
-from agent.server import LOOPBACK_AUTHORITY, SAFE_NAME_RULE
-
-if TYPE_CHECKING:
-    from agent.server import Endpoint
 
 REF = "#/components/schemas/{model}"
 PATH_PARAM = re.compile(r"{(\w+)}")
@@ -55,8 +52,6 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _operation(endpoint: Endpoint, schemas: dict[str, Any]) -> dict[str, Any]:
-    from agent.server import COMMON_ERRORS, ERROR_SCHEMA
-
     op: dict[str, Any] = {
         "summary": endpoint.summary,
         "operationId": endpoint.handler.__name__,

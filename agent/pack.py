@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ConfigError, LoaderError, UnsupportedFormatError
+from agent.errors import ConfigError, StorageError, UnsupportedFormatError
 from agent.images import ImageEngine, parse_reference
 from agent.stream import encrypt_iter
 
@@ -214,7 +214,7 @@ def write_atomically(path: Path, pieces: Iterable[bytes]) -> tuple[int, str]:
             dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
         )
     except OSError as exc:
-        raise LoaderError(f"cannot write {path}: {exc.strerror}") from exc
+        raise StorageError(f"cannot write {path}: {exc.strerror}") from exc
     digest = hashlib.sha256()
     size = 0
     try:
@@ -228,7 +228,7 @@ def write_atomically(path: Path, pieces: Iterable[bytes]) -> tuple[int, str]:
         os.chmod(temp_name, 0o644)
         os.replace(temp_name, path)
     except OSError as exc:
-        raise LoaderError(f"cannot write {path}: {exc.strerror}") from exc
+        raise StorageError(f"cannot write {path}: {exc.strerror}") from exc
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp_name)

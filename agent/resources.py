@@ -35,15 +35,16 @@ from types import TracebackType
 from loguru import logger
 
 from agent import keys, stream
-from agent.api_client import (
-    CDN,
+from agent.api_client import CDN, ResourceApiClient, TransferGuard
+from agent.cache import BigPartCache, Spool, check_component
+from agent.errors import (
     BodyInterrupted,
-    RangeNotSatisfiable,
-    ResourceApiClient,
-    TransferGuard,
+    LoaderError,
+    StreamError,
+    TruncatedError,
+    UpstreamError,
 )
-from agent.cache import BigPartCache, RangeRefused, Spool, check_component
-from agent.errors import LoaderError, StreamError, TruncatedError, UpstreamError
+from agent.schemas import UploadResult
 
 READ_SIZE = 1024 * 1024  # ciphertext per read: a record split between reads costs a copy
 # Plaintext per __anext__: 192 KiB fits a Unix socket's default send buffer (208 KiB), so the
@@ -123,16 +124,6 @@ class ResourceStats:
     decrypted_bytes: int = 0
 
 
-@dataclass(frozen=True)
-class UploadResult:
-    folder: str
-    name: str
-    size: int
-    small_size: int
-    big_size: int
-    big_sha256: str
-
-
 class ResourceStore:
     """Uploads and loads resources through the Resource API, the CDN and the big-part cache."""
 
@@ -184,7 +175,14 @@ class ResourceStore:
             if stored_big and _refused(exc):
                 await self._remove_orphan(folder, small.big_name)
             raise
-        return UploadResult(folder, name, size, len(packed), small.big_size, small.big_name)
+        return UploadResult(
+            folder=folder,
+            name=name,
+            size=size,
+            small_size=len(packed),
+            big_size=small.big_size,
+            big_sha256=small.big_name,
+        )
 
     async def _remove_orphan(self, folder: str, big_name: str) -> None:
         """The big part of an upload whose small part was not stored: nothing will ever name
@@ -220,11 +218,8 @@ class ResourceStore:
 
         async def download(offset: int) -> AsyncIterator[bytes]:
             chunks = self._api.iter_big_part(folder, small.big_name, offset=offset)
-            try:
-                async for chunk in guard.watch(chunks):
-                    yield chunk
-            except RangeNotSatisfiable as exc:
-                raise RangeRefused(str(exc)) from exc
+            async for chunk in guard.watch(chunks):
+                yield chunk
 
         for last_try in (False, True):
             path = await self._cache.fetch(

@@ -6,6 +6,7 @@ is generated from them, so the document and the code cannot drift apart.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -72,26 +73,31 @@ class HealthResponse(BaseModel):
     status: Literal["healthy"]
 
 
+class UnlockState(StrEnum):
+    """The unlock workflow's states (``agent.unlock`` draws how they follow each other)."""
+
+    IDLE = "idle"
+    CHECKING = "checking"
+    WAITING = "waiting"  # backing off a transient fault; progress.stage says which stage
+    AUTHENTICATING = "authenticating"
+    DOWNLOADING_KEY = "downloading_key"
+    LOADING = "loading"
+    VERIFYING = "verifying"
+    READY = "ready"
+    ERROR = "error"
+
+
 class UnlockProgress(BaseModel):
-    stage: str
+    stage: UnlockState
     bytes_done: int
     bytes_total: int
     percent: float
 
 
 class UnlockStatus(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    state: Literal[
-        "idle",
-        "checking",
-        "waiting",
-        "authenticating",
-        "downloading_key",
-        "loading",
-        "verifying",
-        "ready",
-        "error",
-    ]
+    """``/unlock/status``, and the ``unlock`` of ``/status``: made by ``UnlockManager``."""
+
+    state: UnlockState
     error: str | None
     progress: UnlockProgress
     message: str | None = None
@@ -105,7 +111,7 @@ class ReadyResponse(BaseModel):
     """``GET /ready``: 200 when the images are unlocked, 503 otherwise."""
 
     ready: bool
-    state: str
+    state: UnlockState
     message: str | None
 
 
@@ -122,14 +128,19 @@ class LoginResponse(BaseModel):
     verified: bool = Field(description="false when the Resource API could not be reached")
 
 
-class UploadResponse(BaseModel):
-    status: Literal["ok"]
+class UploadResult(BaseModel):
+    """What an upload stored (``ResourceStore.upload``)."""
+
     folder: str
     name: str
-    size: int
-    small_size: int
-    big_size: int
-    big_sha256: str
+    size: int = Field(description="plaintext bytes")
+    small_size: int = Field(description="bytes kept by the Resource API")
+    big_size: int = Field(description="bytes kept by the CDN")
+    big_sha256: str = Field(description="the big part's SHA-256, also its name on the CDN")
+
+
+class UploadResponse(UploadResult):
+    status: Literal["ok"]
 
 
 class ErrorResponse(BaseModel):

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import re
 import socket
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
+from typing import Any, TypeGuard, TypeVar
 from urllib.parse import unquote
 
 from aiohttp import BodyPartReader, hdrs, web
@@ -30,11 +29,19 @@ from agent import __version__, errors
 from agent.connections import caller_eof
 from agent.defaults import NAME_MAX_LENGTH
 from agent.logs import quote
-from agent.metrics import Metrics
+from agent.metrics import METRICS, Metrics
+from agent.openapi import build_document
 from agent.peers import AccessPolicy, AccountGroups, Peer, identify
+from agent.routes import (
+    LOOPBACK_AUTHORITY,
+    SAFE_NAME_RULE,
+    SERVICES,
+    Endpoint,
+    Handler,
+    Services,
+)
 from agent.schemas import (
     NAME_PATTERN,
-    ErrorResponse,
     HealthResponse,
     LoadRequest,
     LoginRequest,
@@ -42,95 +49,22 @@ from agent.schemas import (
     ReadyResponse,
     StatusResponse,
     UnlockRequest,
+    UnlockState,
     UnlockStatus,
     UploadResponse,
 )
-from agent.settings import Settings
 
-if TYPE_CHECKING:
-    from agent.api_client import ResourceApiClient
-    from agent.resources import ResourceStore
-    from agent.unlock import UnlockManager
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class UnsupportedMediaType(errors.RequestError):
-    """A body in a form this API does not take (not JSON, not multipart, or compressed).
-
-    Refusing the three content types a web page may send cross-origin without a CORS preflight
-    (text/plain, form-urlencoded, multipart to a JSON endpoint) also stops CSRF from browsers
-    too old to send ``Origin``.
-    """
-
-
-# The one mapping from the agent's errors to HTTP: (status, short code). Looked up along the
-# exception's MRO, so a subclass without its own row takes its parent's.
-ERROR_STATUS: dict[type[errors.LoaderError], tuple[int, str]] = {
-    errors.LoaderError: (500, "internal_error"),
-    errors.ConfigError: (500, "config_error"),
-    errors.RequestError: (400, "bad_request"),
-    errors.InvalidName: (400, "invalid_name"),
-    errors.ForbiddenRequest: (403, "forbidden"),
-    errors.PayloadTooLarge: (413, "payload_too_large"),
-    errors.RequestTimeout: (408, "request_timeout"),
-    UnsupportedMediaType: (415, "unsupported_media_type"),
-    errors.NotFoundError: (404, "not_found"),
-    errors.ConflictError: (409, "conflict"),
-    errors.NotImplementedYet: (501, "not_implemented"),
-    errors.AuthError: (401, "unauthorized"),
-    errors.NotAuthenticated: (401, "not_authenticated"),
-    errors.BadCredentials: (401, "bad_credentials"),
-    errors.UpstreamError: (502, "upstream_error"),
-    errors.UpstreamUnavailable: (503, "upstream_unavailable"),
-    errors.UpstreamTimeout: (504, "upstream_timeout"),
-    errors.UpstreamForbidden: (403, "upstream_forbidden"),
-    errors.UpstreamNotFound: (404, "not_found"),
-    errors.StreamError: (502, "integrity_error"),
-    errors.WrongKeyError: (502, "wrong_key"),
-    errors.TamperedError: (502, "tampered"),
-    errors.TruncatedError: (502, "truncated"),
-    errors.TrailingDataError: (502, "trailing_data"),
-    errors.UnsupportedFormatError: (502, "unsupported_format"),
-    errors.DockerError: (502, "docker_error"),
-    errors.DockerUnavailable: (503, "docker_unavailable"),
-    errors.UnlockError: (500, "unlock_failed"),
-    errors.StorageError: (507, "insufficient_storage"),
-}
-
-# What a local client puts in Host (and a page on this machine in Origin): localhost, 127.0.0.1
-# or [::1], with an optional port. Nothing else over TCP: any other name may be an attacker's
-# DNS name rebound to 127.0.0.1. One pattern, shared with the OpenAPI document.
-LOOPBACK_AUTHORITY = (
-    r"(?:[Ll][Oo][Cc][Aa][Ll][Hh][Oo][Ss][Tt]|127\.0\.0\.1|\[::1\])(?::[0-9]{1,5})?"
-)
+# Host and Origin: this machine's names only (agent.routes.LOOPBACK_AUTHORITY).
 LOOPBACK_HOST = re.compile(LOOPBACK_AUTHORITY)
 LOOPBACK_ORIGIN = re.compile(r"https?://" + LOOPBACK_AUTHORITY)
 # What some HTTP clients put in Host over a Unix socket; no browser can reach the socket.
 SOCKET_ONLY_HOSTS = frozenset({"unix", "azaion-loader"})
 SAFE_NAME = re.compile(NAME_PATTERN)
-SAFE_NAME_RULE = (
-    "must be a plain name: letters, digits, '.', '_', '-', '+', starting with a letter or digit, "
-    f"at most {NAME_MAX_LENGTH} characters, no '..' or path separators"
-)
 JSON_TYPES = re.compile(r"application/(?:[\w.+-]+\+)?json")
 MAX_FIELD_BYTES = 1024  # the upload's 'folder' field
 CHUNK = 256 * 1024
 
 
-@dataclass
-class Services:
-    """What the handlers use; built and closed by ``agent.service``."""
-
-    settings: Settings
-    api: ResourceApiClient
-    resources: ResourceStore
-    unlock: UnlockManager
-    access: AccessPolicy
-
-
-SERVICES = web.AppKey("services", Services)
-METRICS = web.AppKey("metrics", Metrics)
 # Bench-only switch (bench/bench_load.py measures the check against its absence); no setting
 # turns it off.
 PEER_CHECK = True
@@ -138,13 +72,6 @@ PEER_CHECK = True
 
 def error_response(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": code, "message": message}, status=status)
-
-
-def status_for(exc: errors.LoaderError) -> tuple[int, str]:
-    for cls in type(exc).__mro__:
-        if cls in ERROR_STATUS:
-            return ERROR_STATUS[cls]
-    return ERROR_STATUS[errors.LoaderError]
 
 
 _HTTP_CODES = {
@@ -167,7 +94,7 @@ def outcome_of(exc: BaseException) -> str:
     """A failed load's or upload's outcome for /metrics: the short code the caller got (from
     the fixed tables above), never the error's text."""
     if isinstance(exc, errors.LoaderError):
-        return status_for(exc)[1]
+        return errors.status_for(exc)[1]
     if isinstance(exc, web.HTTPException):
         return _HTTP_CODES.get(exc.status, "bad_request" if exc.status < 500 else "internal_error")
     if isinstance(exc, asyncio.CancelledError | ConnectionResetError):
@@ -200,7 +127,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except errors.LoaderError as exc:
-        status, code = status_for(exc)
+        status, code = errors.status_for(exc)
         log = logger.warning if status < 500 else logger.error
         log("{} {} -> {} {}: {}", request.method, quote(request.raw_path), status, code, exc)
         return error_response(status, code, str(exc))
@@ -255,7 +182,7 @@ async def local_only_middleware(request: web.Request, handler: Handler) -> web.S
     if request.headers.get("Sec-Fetch-Site") == "cross-site":
         raise errors.ForbiddenRequest("cross-site requests are refused")
     if request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower() != "identity":
-        raise UnsupportedMediaType("compressed request bodies are not accepted")
+        raise errors.UnsupportedMediaType("compressed request bodies are not accepted")
     _refuse_dot_segments(request.raw_path)
     return await handler(request)
 
@@ -393,7 +320,7 @@ async def _body_deadline(request: web.Request) -> AsyncIterator[None]:
 def _require_json(request: web.Request) -> None:
     content_type = request.headers.get(hdrs.CONTENT_TYPE)
     if content_type is not None and not JSON_TYPES.fullmatch(request.content_type):
-        raise UnsupportedMediaType("send the body as JSON (Content-Type: application/json)")
+        raise errors.UnsupportedMediaType("send the body as JSON (Content-Type: application/json)")
 
 
 def _validation_error(model: type[BaseModel], exc: ValidationError) -> errors.RequestError:
@@ -408,30 +335,35 @@ def _validation_error(model: type[BaseModel], exc: ValidationError) -> errors.Re
     return errors.RequestError(f"field '{where}': {first['msg']}")
 
 
+def model_response(body: BaseModel, status: int = 200) -> web.Response:
+    """A handler's answer: the model the OpenAPI document names for it, as JSON. Optional
+    fields that were not set stay out (the unlock's retry fields appear only while waiting)."""
+    return web.json_response(body.model_dump(mode="json", exclude_unset=True), status=status)
+
+
 async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "healthy"})
+    return model_response(HealthResponse(status="healthy"))
 
 
 async def ready(request: web.Request) -> web.Response:
     """Readiness for apps and probes: 200 once the images are unlocked, 503 until then (or
     after a failure), with the unlock's state and message either way."""
     snapshot = request.app[SERVICES].unlock.snapshot()
-    is_ready = snapshot["state"] == "ready"
-    body = ReadyResponse(ready=is_ready, state=snapshot["state"], message=snapshot.get("message"))
-    return web.json_response(body.model_dump(), status=200 if is_ready else 503)
+    is_ready = snapshot.state is UnlockState.READY
+    body = ReadyResponse(ready=is_ready, state=snapshot.state, message=snapshot.message)
+    return model_response(body, status=200 if is_ready else 503)
 
 
 async def status(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    return web.json_response(
-        {
-            "status": "healthy",
-            "version": __version__,
-            "authenticated": services.api.authenticated,
-            "modelCacheDir": str(services.settings.model_cache_dir),
-            "unlock": services.unlock.snapshot(),
-        }
+    body = StatusResponse(
+        status="healthy",
+        version=__version__,
+        authenticated=services.api.authenticated,
+        modelCacheDir=str(services.settings.model_cache_dir),
+        unlock=services.unlock.snapshot(),
     )
+    return model_response(body)
 
 
 async def login(request: web.Request) -> web.Response:
@@ -449,12 +381,12 @@ async def login(request: web.Request) -> web.Response:
     logger.info("credentials set for {} (verified: {})", quote(body.email), verified)
     if services.settings.loader_auto_unlock:
         await _start_unlock_quietly(services)
-    return web.json_response({"status": "ok", "verified": verified})
+    return model_response(LoginResponse(status="ok", verified=verified))
 
 
 async def _start_unlock_quietly(services: Services) -> None:
     """Start the automatic unlock that was waiting for credentials, if there is one to do."""
-    if services.unlock.snapshot()["state"] not in ("idle", "error"):
+    if services.unlock.state not in (UnlockState.IDLE, UnlockState.ERROR):
         return
     try:
         await services.unlock.start()
@@ -471,11 +403,11 @@ async def unlock(request: web.Request) -> web.Response:
         email, password = body.credentials
         services.api.set_credentials(email, password)  # kept, so scrubbed from now on
     snapshot = await services.unlock.start()
-    return web.json_response(snapshot, status=200 if snapshot["state"] == "ready" else 202)
+    return model_response(snapshot, status=200 if snapshot.state is UnlockState.READY else 202)
 
 
 async def unlock_status(request: web.Request) -> web.Response:
-    return web.json_response(request.app[SERVICES].unlock.snapshot())
+    return model_response(request.app[SERVICES].unlock.snapshot())
 
 
 async def load(request: web.Request) -> web.StreamResponse:
@@ -561,7 +493,9 @@ async def _upload(request: web.Request) -> web.Response:
     if request.content_length is not None and request.content_length > limit:
         raise errors.PayloadTooLarge(f"upload is larger than the limit of {limit} bytes")
     if not request.content_type.startswith("multipart/"):
-        raise UnsupportedMediaType("upload must be multipart/form-data with fields folder and file")
+        raise errors.UnsupportedMediaType(
+            "upload must be multipart/form-data with fields folder and file"
+        )
     folder = request.query.get("folder")
     stall = settings.loader_body_timeout
     with _malformed_multipart():
@@ -588,7 +522,7 @@ async def _upload(request: web.Request) -> web.Response:
             result = await request.app[SERVICES].resources.upload(
                 folder, filename, _limited(part, limit, stall)
             )
-            return web.json_response({"status": "ok", **dataclasses.asdict(result)})
+            return model_response(UploadResponse(status="ok", **result.model_dump()))
         else:
             raise errors.RequestError("an upload has two fields: 'folder', then 'file'")
     raise errors.RequestError("an upload has two fields: 'folder', then 'file'")
@@ -643,34 +577,10 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def openapi_document(request: web.Request) -> web.Response:
-    from agent.openapi import build_document
-
     return web.json_response(build_document(ENDPOINTS))
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    """One route of the local API; the router and the OpenAPI document are both built from
-    this table, so they cannot disagree."""
-
-    method: str
-    path: str
-    handler: Handler
-    summary: str
-    request: type[BaseModel] | None = None
-    response: type[BaseModel] | None = None
-    ok_status: tuple[int, ...] = (200,)
-    errors: tuple[int, ...] = ()
-    binary_response: bool = False
-    # The media type of a text answer that is not JSON (as documented: no parameters).
-    text_response: str | None = None
-    multipart_request: bool = False
-    # Open to every local peer: read-only, reveals no secret and no protected data. Any other
-    # endpoint needs an allowed peer (``PeerCheck``), so a new endpoint is closed by default.
-    open_to_all: bool = False
-
-
-# Every endpoint may also answer 400 (bad path), 403 (foreign Host/Origin) and 500.
+# Every endpoint may also answer agent.routes.COMMON_ERRORS.
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("GET", "/health", health, "Liveness probe", response=HealthResponse,
              open_to_all=True),
@@ -696,8 +606,6 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("GET", "/openapi.json", openapi_document, "This document (OpenAPI 3.1)",
              open_to_all=True),
 )  # fmt: skip
-COMMON_ERRORS = (400, 403, 500)
-ERROR_SCHEMA = ErrorResponse
 
 
 def create_app(services: Services) -> web.Application:

@@ -27,7 +27,8 @@ from agent.logs import register_secret
 from agent.notify import Notifier
 from agent.peers import AccessPolicy
 from agent.resources import ResourceStore
-from agent.server import Services, create_app
+from agent.routes import Services
+from agent.server import create_app
 from agent.settings import Settings
 from agent.unlock import UnlockManager
 

@@ -39,7 +39,6 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -48,25 +47,18 @@ from loguru import logger
 from agent import keys
 from agent.durable import write_atomically
 from agent.errors import (
-    AuthError,
-    BadCredentials,
-    DockerError,
     DockerUnavailable,
     LoaderError,
     NotAuthenticated,
     NotFoundError,
-    StreamError,
-    TamperedError,
-    TrailingDataError,
-    TruncatedError,
+    UnlockCancelled,
     UnlockError,
-    UnsupportedFormatError,
-    UpstreamError,
-    WrongKeyError,
+    describe,
 )
 from agent.images import ImageEngine
 from agent.pack import ArchiveManifest, ImageEntry, PayloadSplitter
 from agent.retry import RetryCounts, RetryPolicy, retry_call
+from agent.schemas import UnlockProgress, UnlockState, UnlockStatus
 from agent.settings import Settings
 from agent.stream import HEADER_SIZE, decrypt_iter
 
@@ -83,18 +75,6 @@ PROGRESS_INTERVAL = 0.25  # seconds between progress notifications (at most 4 a 
 BOOT_RETRY_POLICY = RetryPolicy(base_delay=1.0, max_delay=30.0, max_attempts=None, max_total=None)
 CLOSE_TIMEOUT = 30.0
 MB = 1000 * 1000
-
-
-class UnlockState(StrEnum):
-    IDLE = "idle"
-    CHECKING = "checking"
-    WAITING = "waiting"  # backing off a transient fault; progress.stage says which stage
-    AUTHENTICATING = "authenticating"
-    DOWNLOADING_KEY = "downloading_key"
-    LOADING = "loading"
-    VERIFYING = "verifying"
-    READY = "ready"
-    ERROR = "error"
 
 
 STAGE_LABELS = {
@@ -116,10 +96,6 @@ class UnlockStats:
     stage_seconds: dict[UnlockState, float] = field(default_factory=dict)
     decrypted_bytes: int = 0  # the archive's plaintext, added by the worker thread per piece
     retries: RetryCounts = field(default_factory=RetryCounts)
-
-
-class UnlockCancelled(UnlockError):
-    """The workflow was stopped (agent shutting down) while the worker thread was busy."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,27 +305,6 @@ def all_present(engine: ImageEngine, images: Iterable[ImageEntry]) -> bool:
     return engine.present(ids) == set(ids)
 
 
-def describe_failure(exc: BaseException) -> str:
-    """The ``error`` text: which kind of failure, then the details (never a secret)."""
-    kinds: list[tuple[type[BaseException], str]] = [
-        (WrongKeyError, "wrong key fragment"),
-        (TamperedError, "the images archive is tampered or corrupt"),
-        (TruncatedError, "the images archive is truncated"),
-        (TrailingDataError, "the images archive has extra data at its end"),
-        (UnsupportedFormatError, "the images archive is not readable"),
-        (StreamError, "the images archive is not readable"),
-        (BadCredentials, "bad credentials"),
-        (NotAuthenticated, "no credentials"),
-        (AuthError, "not authenticated"),
-        (DockerError, "Docker load error"),
-        (UpstreamError, "the Resource API failed"),
-    ]
-    for kind, label in kinds:
-        if isinstance(exc, kind):
-            return f"{label}: {exc}"
-    return str(exc) if isinstance(exc, LoaderError) else f"unexpected error: {type(exc).__name__}"
-
-
 # ---------------------------------------------------------------------------------------------
 # The manager (event loop side)
 
@@ -413,25 +368,27 @@ class UnlockManager:
         """Whether ``close`` has asked a running workflow (and its worker thread) to stop."""
         return self._cancel.is_set()
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> UnlockStatus:
+        """What ``/unlock/status`` answers. The retry fields are set only while waiting, the
+        image count only when ready."""
         progress = self._progress
-        snapshot: dict[str, Any] = {
-            "state": self._state.value,
-            "error": self._error,
-            "progress": {
-                "stage": progress.stage.value,
-                "bytes_done": progress.bytes_done,
-                "bytes_total": progress.bytes_total,
-                "percent": progress.percent,
-            },
-            "message": self.status_line(),
-        }
+        snapshot = UnlockStatus(
+            state=self._state,
+            error=self._error,
+            progress=UnlockProgress(
+                stage=progress.stage,
+                bytes_done=progress.bytes_done,
+                bytes_total=progress.bytes_total,
+                percent=progress.percent,
+            ),
+            message=self.status_line(),
+        )
         if self._waiting is not None:
-            snapshot["attempt"] = self._waiting.attempt
-            snapshot["next_retry_in"] = round(max(0.0, self._waiting.until - time.monotonic()), 1)
-            snapshot["retry_reason"] = self._waiting.reason
+            snapshot.attempt = self._waiting.attempt
+            snapshot.next_retry_in = round(max(0.0, self._waiting.until - time.monotonic()), 1)
+            snapshot.retry_reason = self._waiting.reason
         if self._state is UnlockState.READY:
-            snapshot["images"] = self._image_count
+            snapshot.images = self._image_count
         return snapshot
 
     def status_line(self) -> str:
@@ -453,7 +410,7 @@ class UnlockManager:
 
     # -- control -------------------------------------------------------------------------------
 
-    async def start(self) -> dict[str, Any]:
+    async def start(self) -> UnlockStatus:
         """Start the workflow unless it runs or is done; returns the snapshot at once.
 
         Raises ``NotFoundError`` when there is no archive and no record of loaded images.
@@ -474,7 +431,7 @@ class UnlockManager:
         self._set_state(UnlockState.CHECKING)
         return self.snapshot()
 
-    async def wait(self) -> dict[str, Any]:
+    async def wait(self) -> UnlockStatus:
         """Until ready or error (or at once when nothing runs)."""
         task = self._task
         if task is not None and not task.done():
@@ -536,7 +493,7 @@ class UnlockManager:
             self._set_state(UnlockState.IDLE)
             raise
         except Exception as exc:
-            self._error = describe_failure(exc)
+            self._error = describe(exc, subject="the images archive")
             # A bug gets its traceback; our own errors are already a clear sentence.
             log = logger if isinstance(exc, LoaderError) else logger.opt(exception=exc)
             log.error("unlock failed during {}: {}", self._progress.stage.value, self._error)

@@ -132,7 +132,7 @@ async def run_unlock(settings: Settings) -> dict[str, object]:
     async with ResourceApiClient(settings.resource_api_url, policy=RetryPolicy()) as api:
         manager = UnlockManager(settings, api)
         await manager.start()
-        return await manager.wait()
+        return (await manager.wait()).model_dump(mode="json")
 
 
 def timed(step: Callable[[], None]) -> float:

@@ -16,8 +16,6 @@ from yarl import URL
 from agent.api_client import (
     CDN,
     RESOURCE_API,
-    BodyInterrupted,
-    RangeNotSatisfiable,
     ResourceApiClient,
     _Call,
     parse_retry_after,
@@ -25,9 +23,11 @@ from agent.api_client import (
 )
 from agent.errors import (
     BadCredentials,
+    BodyInterrupted,
     ConfigError,
     LoaderError,
     NotAuthenticated,
+    RangeNotSatisfiable,
     UpstreamError,
     UpstreamForbidden,
     UpstreamNotFound,

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from agent.localclient import _UnixConnection
+from agent.localclient import UnixConnection
 from tests.fixtures.agent import AgentProcess, wait_for
 from tests.fixtures.archive import publish
 from tests.fixtures.devapi import DevApi
@@ -148,7 +148,7 @@ def _start_upload(sock: Path, name: str, size: int) -> tuple[http.client.HTTPCon
         "Content-Type: application/octet-stream\r\n\r\n"
     ).encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
-    conn = _UnixConnection(sock, 30)
+    conn = UnixConnection(sock, 30)
     conn.putrequest("POST", f"/upload/{name}")  # adds Host: localhost
     conn.putheader("Content-Type", f"multipart/form-data; boundary={boundary}")
     conn.putheader("Content-Length", str(len(head) + size + len(tail)))

@@ -12,9 +12,9 @@ import pytest
 
 from agent import stream
 from agent.api_client import ResourceApiClient
-from agent.cache import CacheError
 from agent.errors import (
     BadCredentials,
+    CacheError,
     InvalidName,
     StreamError,
     UnsupportedFormatError,

@@ -24,6 +24,7 @@ from agent.errors import NotFoundError
 from agent.images import ImageEngine
 from agent.pack import ArchiveManifest, ImageEntry, pack_images, payload_head, write_atomically
 from agent.retry import RetryPolicy
+from agent.schemas import UnlockStatus
 from agent.settings import Settings
 from agent.stream import encrypt_iter
 from agent.unlock import RECORD_NAME, UnlockManager, UnlockState, held_back, read_record
@@ -151,9 +152,14 @@ async def private_rig(dockerd: Dockerd, dev_api: DevApi, tmp_path: Path) -> Asyn
         yield made
 
 
+def as_json(snapshot: UnlockStatus) -> dict[str, Any]:
+    """A snapshot as /unlock/status answers it."""
+    return snapshot.model_dump(mode="json", exclude_unset=True)
+
+
 async def unlock(manager: UnlockManager) -> dict[str, Any]:
     await manager.start()
-    return await asyncio.wait_for(manager.wait(), DEADLINE)
+    return as_json(await asyncio.wait_for(manager.wait(), DEADLINE))
 
 
 def tag_target(dockerd: Dockerd, ref: str) -> str:
@@ -243,13 +249,13 @@ async def test_a_new_archive_is_loaded_even_when_the_old_one_was(rig: Rig) -> No
 
 async def test_snapshot_before_any_unlock(rig: Rig) -> None:
     manager = rig.manager()
-    assert manager.snapshot() == {
+    assert as_json(manager.snapshot()) == {
         "state": "idle",
         "error": None,
         "progress": {"stage": "idle", "bytes_done": 0, "bytes_total": 0, "percent": 0.0},
         "message": "images locked",
     }
-    assert (await manager.wait())["state"] == "idle"  # nothing runs: returns at once
+    assert (await manager.wait()).state == "idle"  # nothing runs: returns at once
 
 
 class CountingEngines:
@@ -375,16 +381,18 @@ async def test_api_down_at_first_then_up(private_rig: Rig) -> None:
     await manager.start()
 
     await until(
-        lambda: manager.state is UnlockState.WAITING and manager.snapshot()["attempt"] >= 3,
+        lambda: (
+            manager.state is UnlockState.WAITING and as_json(manager.snapshot())["attempt"] >= 3
+        ),
         "a few retries",
     )
-    snapshot = manager.snapshot()
+    snapshot = as_json(manager.snapshot())
     assert snapshot["progress"]["stage"] == "authenticating"
     assert manager.status_line().startswith("waiting for network, next try in ")
     assert f"(attempt {snapshot['attempt']})" in manager.status_line()
 
     rig.dev_api.start()
-    result = await asyncio.wait_for(manager.wait(), DEADLINE)
+    result = as_json(await asyncio.wait_for(manager.wait(), DEADLINE))
 
     assert result["state"] == "ready", result
     assert packed.image_id in rig.dockerd.image_ids()
@@ -408,14 +416,16 @@ async def test_docker_engine_started_late(rig: Rig, late_dockerd: DockerDaemon) 
     await manager.start()
 
     await until(
-        lambda: manager.state is UnlockState.WAITING and manager.snapshot()["attempt"] >= 2,
+        lambda: (
+            manager.state is UnlockState.WAITING and as_json(manager.snapshot())["attempt"] >= 2
+        ),
         "retries while the engine is down",
     )
-    assert manager.snapshot()["progress"]["stage"] == "loading"
+    assert as_json(manager.snapshot())["progress"]["stage"] == "loading"
     assert manager.status_line().startswith("waiting for the Docker engine, next try in ")
 
     late_dockerd.start()
-    result = await asyncio.wait_for(manager.wait(), DEADLINE)
+    result = as_json(await asyncio.wait_for(manager.wait(), DEADLINE))
 
     assert result["state"] == "ready", result
     assert packed.image_id in {image.id for image in late_dockerd.client().images.list()}
@@ -426,11 +436,11 @@ async def test_concurrent_starts_run_one_workflow(rig: Rig) -> None:
     manager = rig.manager()
 
     first, second = await asyncio.gather(manager.start(), manager.start())
-    result = await asyncio.wait_for(manager.wait(), DEADLINE)
+    result = as_json(await asyncio.wait_for(manager.wait(), DEADLINE))
     third = await manager.start()
 
-    assert first["state"] == second["state"] == "checking"
-    assert result["state"] == third["state"] == "ready"
+    assert first.state == second.state == "checking"
+    assert result["state"] == third.state == "ready"
     assert rig.dev_api.count("POST", "/login") == 1
     assert rig.dev_api.count("GET", "/binary-split/key-fragment") == 1
 
@@ -479,11 +489,11 @@ async def test_stop_during_loading_leaves_nothing_half_done(rig: Rig) -> None:
     before = rig.dockerd.image_ids()
     await manager.start()
     await until(engines.first_piece_sent.is_set, "loading to be under way")
-    assert manager.snapshot()["state"] == "loading"
+    assert as_json(manager.snapshot())["state"] == "loading"
 
     await asyncio.wait_for(manager.close(), DEADLINE)  # what SIGTERM does
 
-    assert manager.snapshot()["state"] == "idle"
+    assert as_json(manager.snapshot())["state"] == "idle"
     assert rig.dockerd.image_ids() == before
     assert read_record(rig.state_dir) is None
     assert not [p for p in rig.state_dir.glob("*") if p.name != RECORD_NAME]
