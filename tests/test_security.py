@@ -301,7 +301,12 @@ def test_foreign_origin_is_refused_and_changes_nothing(quiet: AgentProcess, api:
 
 
 def test_loopback_origins_are_accepted(quiet: AgentProcess) -> None:
-    for origin in ("http://localhost:3000", "https://127.0.0.1", "http://[::1]:8080"):
+    for origin in (
+        "http://localhost:3000",
+        "http://127.0.0.1",
+        "https://127.0.0.1",
+        "http://[::1]:8080",
+    ):
         reply = raw_exchange(quiet, http_request("GET", "/health", {"Origin": origin}))
         assert reply.status == 200, origin
 
