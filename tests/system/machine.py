@@ -38,7 +38,7 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures.agent import wait_for
+from azaion_loader_dev.harness.agent import wait_for
 
 SUITE = "bookworm"
 VARIANT = "minbase"
