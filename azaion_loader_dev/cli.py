@@ -100,16 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        result: int | None = args.func(args)
-    except ConfigError as exc:
-        return fail(str(exc), EXIT_USAGE)
-    except LoaderError as exc:
-        return fail(str(exc), EXIT_FAILURE)
+        return int(args.func(args) or 0)
+    except LoaderError as exc:  # as azaion-loader's: one line, 2 for a bad setting
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
-    return result or 0
-
-
-def fail(message: str, code: int) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    return code

@@ -74,6 +74,7 @@ RSS_GOAL_MIB = 100
 HEALTH_P99_GOAL_MS = 20.0
 PLAIN_SEND_CHUNKS = 3  # the plain loop's sends: 192 KiB
 PROBE_PAUSE = 0.005  # between /health probes: a steady trickle, not a flood
+LOAD_TIMEOUT = 120.0  # seconds without a byte of a /load answer
 FOLDER = "bench"
 
 Timing = dict[str, float]  # "seconds" (wall) and "cpu"
@@ -84,7 +85,7 @@ Timing = dict[str, float]  # "seconds" (wall) and "cpu"
 
 def socket_load(socket_path: Path, name: str, digest: Any = None) -> int:
     """``POST /load/<name>``, the body read 1 MiB at a time into one buffer; the byte count."""
-    conn = UnixHTTPConnection(socket_path)
+    conn = UnixHTTPConnection(socket_path, timeout=LOAD_TIMEOUT)
     try:
         body = json.dumps({"folder": FOLDER}).encode()
         conn.request("POST", f"/load/{name}", body, {"Content-Type": "application/json"})

@@ -37,6 +37,7 @@ from typing import Any
 
 from azaion_loader_dev.harness.agent import AgentProcess, agent_env, free_port
 from azaion_loader_dev.harness.devapi import DevApi, new_dev_api
+from azaion_loader_dev.harness.process import log_tail
 
 REPO = Path(__file__).resolve().parent.parent
 EMAIL = "demo@localhost"
@@ -45,6 +46,7 @@ SAMPLE = "sample-model.bin"
 SAMPLE_SIZE = 3 * 1024 * 1024 + 123
 DEMO_REPOSITORY = "azaion-loader-demo/hello"
 UNLOCK_TIMEOUT = 300.0
+TAIL_LINES = 20  # of a log, when a step failed
 NO_ENGINE_HELP = """\
    No Docker engine answered, so the unlock part is skipped. To see it:
      - Debian/Ubuntu: sudo apt-get install docker.io && sudo systemctl start docker,
@@ -130,14 +132,18 @@ class Demo:
         try:
             self.dev_api = new_dev_api(self.root / "dev-api", email=EMAIL, password=self.password)
         except RuntimeError as exc:
-            raise DemoFailed(f"dev-api did not start:\n{_tail(self.dev_api_log)}") from exc
+            raise DemoFailed(
+                f"dev-api did not start:\n{log_tail(self.dev_api_log, TAIL_LINES)}"
+            ) from exc
 
     def start_agent(self) -> None:
         self.agent = AgentProcess(self.root, self.env())
         try:
             self.agent.start()
         except AssertionError as exc:
-            raise DemoFailed(f"the agent did not start:\n{_tail(self.agent_log)}") from exc
+            raise DemoFailed(
+                f"the agent did not start:\n{log_tail(self.agent_log, TAIL_LINES)}"
+            ) from exc
 
     def stop(self) -> None:
         if self.agent is not None:
@@ -235,7 +241,7 @@ class Demo:
         if self.agent is not None:
             self.agent.stop()
         self.start_agent()
-        note("agent restarted with the new Resource API URL and DOCKER_HOST")
+        note("agent restarted with DOCKER_HOST pointing at the engine")
         self.cli("login", "--email", EMAIL, AZAION_PASSWORD=self.password)
         self.cli("unlock", "--wait")
         image = self.docker.images.get(self.demo_image_id)
@@ -281,13 +287,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
 @contextlib.contextmanager
 def workspace(keep: bool) -> Iterator[Path]:
     # Short, under /tmp: a Unix socket path must fit in 108 bytes.
@@ -314,7 +313,9 @@ def main() -> int:
             unlocked = demo.images()
         except DemoFailed as exc:
             print(f"\nDEMO FAILED: {exc}", file=sys.stderr)
-            print(f"agent log (last lines):\n{_tail(demo.agent_log)}", file=sys.stderr)
+            print(
+                f"agent log (last lines):\n{log_tail(demo.agent_log, TAIL_LINES)}", file=sys.stderr
+            )
             return 1
         except KeyboardInterrupt:
             print("\ninterrupted", file=sys.stderr)

@@ -6,6 +6,7 @@
 - ``harness.agent``: ``AgentProcess``, ``python -m agent serve`` with an environment of its own
   (``agent_env``), waited for with a deadline, and requests over its socket or loopback port;
 - ``harness.dockerd``: ``DockerDaemon``, a private dockerd, and images built without a registry;
+- ``harness.process``: stopping a child process within a deadline, the tail of its log;
 - ``harness.measure``: readers of ``/proc`` (RSS, CPU, I/O) and the benchmarks' shared baselines.
 
 Imported by module (``from azaion_loader_dev.harness.agent import AgentProcess``): this file

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agent.localclient import _UnixConnection as UnixHTTPConnection
+from azaion_loader_dev.harness.process import stop_process
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 20.0
 POLL_INTERVAL = 0.02
@@ -45,24 +48,6 @@ def wait_for(predicate: Callable[[], T | None], timeout: float, what: str) -> T:
         time.sleep(POLL_INTERVAL)  # a polling period, not a stand-in for synchronisation
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """``http.client`` over a Unix socket, as a local app talks to the agent."""
-
-    def __init__(self, path: Path, timeout: float | None = 120.0) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(os.fspath(self._path))
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
-
 @dataclass
 class Reply:
     status: int
@@ -81,13 +66,7 @@ def unix_request(
     headers: dict[str, str] | None = None,
     timeout: float = 30.0,
 ) -> Reply:
-    conn = UnixHTTPConnection(sock_path, timeout)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return Reply(response.status, dict(response.getheaders()), response.read())
-    finally:
-        conn.close()
+    return _exchange(UnixHTTPConnection(sock_path, timeout), method, path, body, headers)
 
 
 def tcp_request(
@@ -99,6 +78,17 @@ def tcp_request(
     host: str = "127.0.0.1",
 ) -> Reply:
     conn = http.client.HTTPConnection(host, port, timeout=30)
+    return _exchange(conn, method, path, body, headers)
+
+
+def _exchange(
+    conn: http.client.HTTPConnection,
+    method: str,
+    path: str,
+    body: bytes | None,
+    headers: dict[str, str] | None,
+) -> Reply:
+    """One request on a new connection, closed after the whole answer was read."""
     try:
         conn.request(method, path, body=body, headers=headers or {})
         response = conn.getresponse()
@@ -175,16 +165,8 @@ class AgentProcess:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         if self.proc is None:
             return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired as exc:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(
-                    f"agent did not stop within {timeout} s:\n{self.log()}"
-                ) from exc
+        if not stop_process(self.proc, sig, timeout):
+            raise AssertionError(f"agent did not stop within {timeout} s:\n{self.log()}")
         return self.proc.returncode
 
 

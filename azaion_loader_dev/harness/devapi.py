@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from agent import keys
+from azaion_loader_dev.harness.process import stop_process
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 30.0
@@ -98,13 +99,7 @@ class DevApi:
     def stop(self) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout=STOP_TIMEOUT)
         if self.process.stdout is not None:
             self.process.stdout.close()
         self.process = None

@@ -28,6 +28,8 @@ from typing import Any
 
 import docker
 
+from azaion_loader_dev.harness.process import log_tail, stop_process
+
 DOCKERD = Path(os.environ.get("LOADER_TEST_DOCKERD", "/usr/sbin/dockerd"))
 BUSYBOX = Path("/bin/busybox")
 START_TIMEOUT = 60.0
@@ -153,25 +155,16 @@ class DockerDaemon:
         for client in self.clients:
             client.close()
         self.clients.clear()
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, timeout=STOP_TIMEOUT, group=True)
         self.process = None
 
     def destroy(self) -> None:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def _log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+    def _log_tail(self) -> str:
+        return log_tail(self.log_path)
 
 
 def _add_file(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
