@@ -81,8 +81,7 @@ build_venv() {
 # The device package holds the device's code only (tests/system checks the .deb's file list too).
 check_no_development_tools() {
 	local venv=$1 found
-	found=$(find "$venv" \( -name 'azaion_loader_dev*' -o -name 'azaion-loader-dev' \
-		-o -name 'devapi*' \) -print -quit)
+	found=$(find "$venv" \( -name 'azaion_loader_dev*' -o -name 'azaion-loader-dev' \) -print -quit)
 	[ -z "$found" ] || die "a development tool got into the package: $found"
 	! grep -qs azaion_loader_dev "$venv"/lib/python*/site-packages/*.dist-info/entry_points.txt ||
 		die "the package declares a development command"

@@ -170,6 +170,7 @@ def test_dev_api_on_the_device_says_it_is_not_installed(new_machine: NewMachine)
     result = machine.run(
         ["azaion-loader", "dev-api", "--port", "0", "--data-dir", "/tmp/d", "--user", "a:b"],
         check=False,
+        timeout=30,  # were it there, it would serve until this ends it
     )
 
     assert result.returncode == 1, result.stdout + result.stderr
