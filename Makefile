@@ -24,9 +24,9 @@ test: venv
 
 ## check: formatting, lint, types, then the tests
 check: venv
-	$(BIN)/ruff format --check agent tests bench scripts
-	$(BIN)/ruff check agent tests bench scripts
-	$(BIN)/mypy agent
+	$(BIN)/ruff format --check agent azaion_loader_dev tests bench scripts
+	$(BIN)/ruff check agent azaion_loader_dev tests bench scripts
+	$(BIN)/mypy agent azaion_loader_dev
 	$(MAKE) test
 
 ## bench: every benchmark (each says which goals it missed; exit 1 if any missed one)

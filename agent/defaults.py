@@ -7,6 +7,6 @@ DEFAULT_SOCKET_PATH = "/run/azaion-loader/loader.sock"
 # the usual file-name limit).
 NAME_MAX_LENGTH = 200
 
-# dev-api's limits on stored parts (agent.devapi, and its CLI's defaults).
+# dev-api's limits on stored parts (azaion_loader_dev.devapi, and its CLI's defaults).
 DEFAULT_MAX_SMALL_BYTES = 1024 * 1024
 DEFAULT_MAX_BIG_BYTES = 64 * 1024**3

@@ -2,9 +2,6 @@
 cost. Nothing in the agent itself turns the check off; this module does, for measuring only."""
 
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import agent.server
 from agent.cli import main

@@ -55,11 +55,9 @@ from typing import Any
 
 import aiohttp
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from tests.fixtures.agent import AgentProcess, agent_env, short_tmpdir  # noqa: E402
-from tests.fixtures.devapi import DevApi, new_dev_api  # noqa: E402
+from azaion_loader_dev.harness.agent import AgentProcess, agent_env, short_tmpdir
+from azaion_loader_dev.harness.devapi import DevApi, new_dev_api
+from azaion_loader_dev.harness.measure import status_kib
 
 MIB = 1 << 20
 MB = 1000 * 1000
@@ -69,7 +67,7 @@ RSS_SAMPLE_S = 0.02
 PEER_CHECK_GOAL_MS = 0.5
 IMAGE_REF = "azaion/bench-load:1.0"
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
-NO_PEER_CHECK = REPO / "bench" / "agent_without_peer_check.py"
+NO_PEER_CHECK = Path(__file__).resolve().parent / "agent_without_peer_check.py"
 
 
 # -- measuring -----------------------------------------------------------------------------------
@@ -202,13 +200,6 @@ def wrk(agent: AgentProcess, path: str, connections: int, duration: float) -> di
 def _wrk_ms(text: str) -> float:
     value, unit = re.fullmatch(r"([\d.]+)(\w+)", text).groups()  # type: ignore[union-attr]
     return round(float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit], 3)
-
-
-def rss_kib(pid: int, field_name: str = "VmRSS") -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field_name} for {pid}")
 
 
 # -- the pieces ----------------------------------------------------------------------------------
@@ -372,7 +363,7 @@ async def concurrent_loads(setup: Setup, args: argparse.Namespace) -> dict[str, 
             results["warm"]["aggregate_mb_s"] / (setup.load_size / MB / results["single_warm_s"]),
             2,
         )
-        results["vm_hwm_mib"] = round(rss_kib(pid, "VmHWM") / 1024, 1)
+        results["vm_hwm_mib"] = round(status_kib(pid, "VmHWM") / 1024, 1)
         return results
     finally:
         stop_agent(agent)
@@ -381,14 +372,14 @@ async def concurrent_loads(setup: Setup, args: argparse.Namespace) -> dict[str, 
 async def _many_loads(
     session: aiohttp.ClientSession, pid: int, setup: Setup, count: int
 ) -> dict[str, Any]:
-    before = rss_kib(pid)
+    before = status_kib(pid)
     peak = before
     done = asyncio.Event()
 
     async def sample() -> None:
         nonlocal peak
         while not done.is_set():
-            peak = max(peak, rss_kib(pid))
+            peak = max(peak, status_kib(pid))
             await asyncio.sleep(RSS_SAMPLE_S)
 
     sampler = asyncio.create_task(sample())
@@ -436,7 +427,7 @@ def prepare_resource(setup: Setup, size: int) -> None:
 def prepare_archive(setup: Setup, size: int) -> Any:
     from agent.images import ImageEngine
     from agent.pack import pack_images
-    from tests.fixtures.dockerd import DockerDaemon, import_big_image
+    from azaion_loader_dev.harness.dockerd import DockerDaemon, import_big_image
 
     daemon = DockerDaemon.start_new()
     print(f"building a {size / MB:.0f} MB image and its archive ...", flush=True)

@@ -3,9 +3,9 @@
     .venv/bin/python bench/bench_load_socket.py [--sizes-mib 100,1024] [--runs 5]
 
 A dev-api and a real agent (``python -m agent serve``, generated credentials, everything in a
-temporary directory, as scripts/run_local.py does) are started here. For each size a fresh
-agent is started (so its peak RSS is per size) and one resource is uploaded through its socket;
-then, in the same run and interleaved (medians of ``--runs``):
+temporary directory; both by ``azaion_loader_dev.harness``) are started here. For each size a
+fresh agent is started (so its peak RSS is per size) and one resource is uploaded through its
+socket; then, in the same run and interleaved (medians of ``--runs``):
 
 1. raw AES-256-GCM decrypt of the same amount in memory, 64 KiB records: the raw-primitive
    baseline of bench/bench_stream.py;
@@ -38,13 +38,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import http.client
 import json
 import os
-import resource
 import secrets
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -57,25 +54,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from agent import stream
+from agent.api_client import ResourceApiClient
+from agent.localclient import AgentClient
+from azaion_loader_dev.harness.agent import AgentProcess, UnixHTTPConnection, agent_env
+from azaion_loader_dev.harness.devapi import DevApi, new_dev_api
+from azaion_loader_dev.harness.measure import (
+    MIB,
+    RawDecrypt,
+    cpu_seconds,
+    make_plaintext,
+    reset_peak_rss,
+    status_kib,
+)
 
-from bench_resources import DevApi, RawDecrypt, make_plaintext  # noqa: E402
-
-from agent import stream  # noqa: E402
-from agent.api_client import ResourceApiClient  # noqa: E402
-from agent.localclient import AgentClient  # noqa: E402
-
-MIB = 1 << 20
 READ_BLOCK = MIB  # the /load client and the plaintext read both take 1 MiB at a time
 WARM_RATIO_GOAL = 0.7
 RSS_GOAL_MIB = 100
 HEALTH_P99_GOAL_MS = 20.0
 PLAIN_SEND_CHUNKS = 3  # the plain loop's sends: 192 KiB
 PROBE_PAUSE = 0.005  # between /health probes: a steady trickle, not a flood
-START_TIMEOUT = 30.0
+LOAD_TIMEOUT = 120.0  # seconds without a byte of a /load answer
 FOLDER = "bench"
-TICKS = os.sysconf("SC_CLK_TCK")
 
 Timing = dict[str, float]  # "seconds" (wall) and "cpu"
 
@@ -83,20 +83,9 @@ Timing = dict[str, float]  # "seconds" (wall) and "cpu"
 # -- talking to the agent over its socket ----------------------------------------------------------
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float = 120.0) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(str(self._path))
-
-
 def socket_load(socket_path: Path, name: str, digest: Any = None) -> int:
     """``POST /load/<name>``, the body read 1 MiB at a time into one buffer; the byte count."""
-    conn = UnixHTTPConnection(socket_path)
+    conn = UnixHTTPConnection(socket_path, timeout=LOAD_TIMEOUT)
     try:
         body = json.dumps({"folder": FOLDER}).encode()
         conn.request("POST", f"/load/{name}", body, {"Content-Type": "application/json"})
@@ -173,121 +162,56 @@ class HealthProbe:
 # -- the agent process -----------------------------------------------------------------------------
 
 
-@dataclass
-class Agent:
-    root: Path
-    api: DevApi
-    process: subprocess.Popen[bytes] | None = None
+def start_agent(root: Path, api: DevApi) -> AgentProcess:
+    """A fresh agent logged in to ``api``, at the log level a device runs at."""
+    root.mkdir(parents=True, exist_ok=True)
+    env = agent_env(
+        root,
+        RESOURCE_API_URL=api.url,
+        LOADER_HTTP_PORT="0",
+        LOADER_LOG_LEVEL="INFO",
+        AZAION_EMAIL=api.email,
+        AZAION_PASSWORD=api.password,
+    )
+    return AgentProcess(root, env).start()
 
-    @property
-    def socket_path(self) -> Path:
-        return self.root / "loader.sock"
 
-    @property
-    def cache_dir(self) -> Path:
-        return self.root / "cache"
+def agent_pid(agent: AgentProcess) -> int:
+    assert agent.proc is not None
+    return agent.proc.pid
 
-    def start(self) -> Agent:
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(("LOADER_", "AZAION_", "NOTIFY_", "WATCHDOG_", "LISTEN_"))
-        }
-        env.update(
-            RESOURCE_API_URL=self.api.url,
-            LOADER_SOCKET_PATH=str(self.socket_path),
-            LOADER_HTTP_PORT="0",
-            LOADER_STATE_DIR=str(self.root / "state"),
-            MODEL_CACHE_DIR=str(self.cache_dir),
-            IMAGES_PATH=str(self.root / "images.enc"),
-            LOADER_AUTO_UNLOCK="false",
-            AZAION_EMAIL=self.api.email,
-            AZAION_PASSWORD=self.api.password,
-        )
-        self.root.mkdir(parents=True, exist_ok=True)
-        with (self.root / "agent.log").open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "agent", "serve"], env=env, cwd=REPO, stdout=log, stderr=log
-            )
-        deadline = time.monotonic() + START_TIMEOUT
-        while not self._serving():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise SystemExit(f"the agent did not start:\n{self.log()}")
-            time.sleep(0.05)
-        return self
 
-    def _serving(self) -> bool:
-        try:
-            health_once(self.socket_path)
-        except (OSError, RuntimeError, http.client.HTTPException):
-            return False
-        return True
+def memory_mib(agent: AgentProcess, field_name: str) -> float:
+    return status_kib(agent_pid(agent), field_name) / 1024
 
-    def log(self) -> str:
-        return (self.root / "agent.log").read_text(errors="replace")
 
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(30)
-
-    def _proc(self, name: str) -> Path:
-        assert self.process is not None
-        return Path(f"/proc/{self.process.pid}/{name}")
-
-    def cpu_seconds(self) -> float:
-        """utime + stime of all its threads, living or gone."""
-        stat = self._proc("stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / TICKS
-
-    def memory_mib(self, field_name: str) -> float:
-        for line in self._proc("status").read_text().splitlines():
-            if line.startswith(f"{field_name}:"):
-                return int(line.split()[1]) / 1024
-        raise RuntimeError(f"no {field_name} in /proc/<pid>/status")
-
-    def reset_peak_rss(self) -> bool:
-        """Start VmHWM afresh (Linux >= 4.0); False if the kernel refuses."""
-        try:
-            self._proc("clear_refs").write_text("5")
-        except OSError:
-            return False
-        return True
-
-    def drop_cached(self, big_name: str) -> None:
-        """Delete the cached big part (and any partial download): the next load fetches it."""
-        directory = self.cache_dir / FOLDER
-        for path in (directory / big_name, directory / f".{big_name}.part"):
-            path.unlink(missing_ok=True)
+def drop_cached(agent: AgentProcess, big_name: str) -> None:
+    """Delete the cached big part (and any partial download): the next load fetches it."""
+    directory = Path(agent.env["MODEL_CACHE_DIR"]) / FOLDER
+    for path in (directory / big_name, directory / f".{big_name}.part"):
+        path.unlink(missing_ok=True)
 
 
 # -- the cases -------------------------------------------------------------------------------------
 
 
-def process_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def read_plaintext(path: Path) -> Timing:
     buffer = bytearray(READ_BLOCK)
-    wall, cpu = time.perf_counter(), process_cpu()
+    wall, cpu = time.perf_counter(), cpu_seconds()
     with path.open("rb", buffering=0) as file:
         while file.readinto(buffer):
             pass
-    return {"seconds": time.perf_counter() - wall, "cpu": process_cpu() - cpu}
+    return {"seconds": time.perf_counter() - wall, "cpu": cpu_seconds() - cpu}
 
 
 async def cdn_download(api: DevApi, big_name: str) -> Timing:
     async with ResourceApiClient(api.url) as client:
         client.set_credentials(api.email, api.password)
         await client.login()
-        wall, cpu = time.perf_counter(), process_cpu()
+        wall, cpu = time.perf_counter(), cpu_seconds()
         async for _ in client.iter_big_part(FOLDER, big_name):
             pass
-        return {"seconds": time.perf_counter() - wall, "cpu": process_cpu() - cpu}
+        return {"seconds": time.perf_counter() - wall, "cpu": cpu_seconds() - cpu}
 
 
 DRAIN = """
@@ -321,7 +245,7 @@ class PlainLoop:
         nonces = iter(self._raw.nonces)
         with ours, self._path.open("rb", buffering=0) as file:
             ours.recv(1)  # the reader is up: its start-up is not timed
-            wall, cpu = time.perf_counter(), process_cpu()
+            wall, cpu = time.perf_counter(), cpu_seconds()
             while count := file.readinto(buffer):
                 plaintexts = [
                     self._raw.aead.decrypt(next(nonces), view[offset : offset + record], None)
@@ -330,18 +254,18 @@ class PlainLoop:
                 for first in range(0, len(plaintexts), PLAIN_SEND_CHUNKS):
                     ours.sendall(b"".join(plaintexts[first : first + PLAIN_SEND_CHUNKS]))
             ours.shutdown(socket.SHUT_WR)
-            cpu = process_cpu() - cpu
+            cpu = cpu_seconds() - cpu
             reader.wait()
         return {"seconds": time.perf_counter() - wall, "cpu": cpu}
 
 
-def agent_load(agent: Agent, name: str, size: int, latencies: list[float] | None) -> Timing:
+def agent_load(agent: AgentProcess, name: str, size: int, latencies: list[float] | None) -> Timing:
     """One ``/load``, timed; with ``latencies``, /health is probed meanwhile and its latencies
     (seconds) appended."""
     probe = HealthProbe(agent.socket_path) if latencies is not None else None
-    start, wall, cpu = time.monotonic(), time.perf_counter(), agent.cpu_seconds()
+    start, wall, cpu = time.monotonic(), time.perf_counter(), cpu_seconds(agent_pid(agent))
     received = socket_load(agent.socket_path, name)
-    timing = {"seconds": time.perf_counter() - wall, "cpu": agent.cpu_seconds() - cpu}
+    timing = {"seconds": time.perf_counter() - wall, "cpu": cpu_seconds(agent_pid(agent)) - cpu}
     if probe is not None and latencies is not None:
         latencies += probe.latencies(start, time.monotonic())
     if received != size:
@@ -401,22 +325,22 @@ def bench_size(api: DevApi, root: Path, size_mib: int, runs: int) -> SizeResult:
     result = SizeResult(size_mib)
     source = root / f"{name}.plain"
     make_plaintext(source, size)
-    agent = Agent(root / f"agent-{size_mib}", api).start()
+    agent = start_agent(root / f"agent-{size_mib}", api)
     try:
-        result.rss_idle_mib = agent.memory_mib("VmRSS")
+        result.rss_idle_mib = memory_mib(agent, "VmRSS")
         wall = time.perf_counter()
         uploaded = AgentClient(agent.socket_path, timeout=600).upload(source, FOLDER, name)
         result.upload_mib_s = size_mib / (time.perf_counter() - wall)
-        result.rss_upload_mib = agent.memory_mib("VmHWM")
+        result.rss_upload_mib = memory_mib(agent, "VmHWM")
         big_name = str(uploaded["big_sha256"])
         check_one_load(agent, name, size, sha256_of(source))
         raw = RawDecrypt(size)
         plain = PlainLoop(raw, root / f"{name}.records")
 
         def measured(case: str, action: Callable[[], Timing]) -> None:
-            result.rss_reset = agent.reset_peak_rss() and result.rss_reset
+            result.rss_reset = reset_peak_rss(agent_pid(agent)) and result.rss_reset
             result.record(case, action())
-            peak = agent.memory_mib("VmHWM")
+            peak = memory_mib(agent, "VmHWM")
             result.peak_rss_mib[case] = max(result.peak_rss_mib.get(case, 0.0), peak)
 
         for run in range(runs):
@@ -427,7 +351,7 @@ def bench_size(api: DevApi, root: Path, size_mib: int, runs: int) -> SizeResult:
             measured("plain", plain.run)
             measured("warm", lambda: agent_load(agent, name, size, None))
             measured("warm_probed", lambda: agent_load(agent, name, size, result.health))
-            agent.drop_cached(big_name)
+            drop_cached(agent, big_name)
             measured("cold", lambda: agent_load(agent, name, size, result.health))
         del raw, plain
     finally:
@@ -439,7 +363,7 @@ def bench_size(api: DevApi, root: Path, size_mib: int, runs: int) -> SizeResult:
     return result
 
 
-def check_one_load(agent: Agent, name: str, size: int, expected_sha256: str) -> None:
+def check_one_load(agent: AgentProcess, name: str, size: int, expected_sha256: str) -> None:
     digest = hashlib.sha256()
     received = socket_load(agent.socket_path, name, digest)
     if received != size or digest.hexdigest() != expected_sha256:
@@ -507,7 +431,7 @@ def main() -> int:
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}")
     # A short directory: a Unix socket path must fit in 108 bytes.
     root = Path(tempfile.mkdtemp(prefix=f"bls-{secrets.token_hex(2)}-", dir=args.dir or "/tmp"))
-    api = DevApi(root)
+    api = new_dev_api(root / "dev-api")
     try:
         results = [bench_size(api, root, size, args.runs) for size in sizes]
     finally:

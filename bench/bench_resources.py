@@ -20,8 +20,7 @@ Every load runs in a child process (``--child``), which reports its wall time an
 Goals: warm steady-state load >= 0.7x the raw decrypt throughput; peak RSS < 100 MiB whatever
 the size. Exit status 1 if one is missed. Not a test: the machine may be shared; use medians.
 
-Not measured yet: the same through the agent's Unix socket (``/load`` handler, aiohttp server
-and client on top); extend ``child_load`` with a socket mode once the handler exists.
+The same loads through a running agent's Unix socket (``/load``): bench/bench_load_socket.py.
 """
 
 from __future__ import annotations
@@ -30,9 +29,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
-import secrets
-import select
 import shutil
 import statistics
 import subprocess
@@ -41,63 +37,25 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from agent.api_client import ResourceApiClient
+from agent.resources import READ_SIZE, ResourceStore
+from azaion_loader_dev.harness.measure import (
+    MIB,
+    RawDecrypt,
+    cpu_seconds,
+    make_plaintext,
+    status_kib,
+)
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
+if TYPE_CHECKING:  # the parent's only: a measured child imports no more than a load needs
+    from azaion_loader_dev.harness.devapi import DevApi
 
-from agent import stream  # noqa: E402
-from agent.api_client import ResourceApiClient  # noqa: E402
-from agent.resources import READ_SIZE, ResourceStore  # noqa: E402
-
-MIB = 1 << 20
 RAW_DECRYPT_MIB = 256
 WARM_RATIO_GOAL = 0.7
 RSS_GOAL_MIB = 100
 FOLDER = "bench"
-
-
-# -- dev-api -------------------------------------------------------------------------------------
-
-
-class DevApi:
-    def __init__(self, root: Path) -> None:
-        self.email = "bench@example.test"
-        self.password = secrets.token_urlsafe(12)
-        self.data_dir = root / "dev-api"
-        self.log = (root / "dev-api.log").open("w")
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "agent",
-                "dev-api",
-                "--port",
-                "0",
-                "--data-dir",
-                str(self.data_dir),
-                "--user",
-                f"{self.email}:{self.password}",
-            ],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
-        )
-        assert self.process.stdout is not None
-        ready, _, _ = select.select([self.process.stdout], [], [], 60)
-        line = self.process.stdout.readline() if ready else ""
-        if not line.startswith("dev-api listening on "):
-            self.stop()
-            raise SystemExit(f"dev-api did not start: {(root / 'dev-api.log').read_text()}")
-        self.url = line.strip().rsplit(" ", 1)[1]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait()
-        self.log.close()
 
 
 # -- the child: one load, timed, with its peak RSS ------------------------------------------------
@@ -153,7 +111,7 @@ def read_file(path: Path) -> dict[str, Any]:
 
 def run_child(*args: str) -> dict[str, Any]:
     out = subprocess.run(
-        [sys.executable, __file__, "--child", *args], cwd=REPO, capture_output=True, text=True
+        [sys.executable, __file__, "--child", *args], capture_output=True, text=True
     )
     if out.returncode != 0:
         raise SystemExit(f"child {args[0]} failed:\n{out.stderr}")
@@ -162,49 +120,6 @@ def run_child(*args: str) -> dict[str, Any]:
 
 
 # -- the parent ------------------------------------------------------------------------------------
-
-
-class RawDecrypt:
-    """Raw AES-GCM over 64 KiB records laid out in memory (bench_stream.py's raw baseline)."""
-
-    def __init__(self, size: int) -> None:
-        self.aead = AESGCM(os.urandom(32))
-        block = os.urandom(stream.CHUNK_SIZE)
-        records = size // stream.CHUNK_SIZE
-        self.nonces = [index.to_bytes(12, "big") for index in range(records)]
-        self.data = b"".join(self.aead.encrypt(n, block, None) for n in self.nonces)
-        self.size = records * stream.CHUNK_SIZE
-
-    def run(self) -> dict[str, float]:
-        record = stream.CHUNK_SIZE + stream.TAG_SIZE
-        view = memoryview(self.data)
-        wall, cpu = time.perf_counter(), cpu_seconds()
-        for index, nonce in enumerate(self.nonces):
-            self.aead.decrypt(nonce, view[index * record : (index + 1) * record], None)
-        return {"seconds": time.perf_counter() - wall, "cpu": cpu_seconds() - cpu}
-
-
-def peak_rss_kib() -> int:
-    """VmHWM of this process. Not ``ru_maxrss``: Linux carries that across exec, so a child
-    would report the (large) parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process, all threads: on a shared machine, waiting is not counted."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def make_plaintext(path: Path, size: int) -> None:
-    block = bytearray(os.urandom(MIB))
-    with path.open("wb") as file:
-        for index in range(-(-size // MIB)):
-            block[:8] = index.to_bytes(8, "big")
-            file.write(block[: min(MIB, size - index * MIB)])
 
 
 async def upload(api: DevApi, cache: Path, source: Path, name: str) -> tuple[float, str]:
@@ -309,13 +224,15 @@ def main() -> int:
     args = parser.parse_args()
     if args.child:
         result = asyncio.run(child_load(args))
-        result["maxrss_kib"] = peak_rss_kib()
+        result["maxrss_kib"] = status_kib("self", "VmHWM")
         print(json.dumps(result))
         return 0
+    from azaion_loader_dev.harness.devapi import new_dev_api
+
     print(f"{os.cpu_count()} CPUs; READ_SIZE {READ_SIZE // 1024} KiB; runs {args.runs} (medians)")
     with tempfile.TemporaryDirectory(prefix="bench-resources-") as tmp:
         root = Path(tmp)
-        api = DevApi(root)
+        api = new_dev_api(root / "dev-api")
         try:
             results = [
                 bench_size(api, root, int(size), args.runs) for size in args.sizes_mib.split(",")

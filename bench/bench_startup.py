@@ -22,14 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from azaion_loader_dev.harness.measure import status_kib
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 def one_run(root: Path) -> tuple[float, int]:
@@ -58,7 +53,7 @@ def one_run(root: Path) -> tuple[float, int]:
             pass
         elapsed = time.perf_counter() - start
         time.sleep(1.0)  # let it settle: this is the idle figure, not a synchronisation
-        rss = rss_kib(proc.pid)
+        rss = status_kib(proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

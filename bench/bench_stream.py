@@ -39,10 +39,9 @@ from typing import BinaryIO, cast
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from agent import stream
 
-from agent import stream  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 MIB = 1 << 20
 PIECE = MIB  # how callers feed the format: ~1 MiB reads

@@ -25,37 +25,26 @@ import json
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from pydantic import SecretStr
 
-from pydantic import SecretStr  # noqa: E402
-
-from agent.api_client import ResourceApiClient  # noqa: E402
-from agent.images import ImageEngine  # noqa: E402
-from agent.pack import PayloadSplitter, pack_images  # noqa: E402
-from agent.retry import RetryPolicy  # noqa: E402
-from agent.settings import Settings  # noqa: E402
-from agent.stream import decrypt_iter  # noqa: E402
-from agent.unlock import READ_SIZE, UnlockManager  # noqa: E402
-from tests.fixtures.devapi import DevApi, new_dev_api  # noqa: E402
-from tests.fixtures.dockerd import DockerDaemon, import_big_image  # noqa: E402
+from agent.api_client import ResourceApiClient
+from agent.images import ImageEngine
+from agent.pack import PayloadSplitter, pack_images
+from agent.retry import RetryPolicy
+from agent.settings import Settings
+from agent.stream import decrypt_iter
+from agent.unlock import READ_SIZE, UnlockManager
+from azaion_loader_dev.harness.devapi import DevApi, new_dev_api
+from azaion_loader_dev.harness.dockerd import DockerDaemon, import_big_image
+from azaion_loader_dev.harness.measure import io_counters
 
 MB = 1000 * 1000
 REF = "azaion/bench-app:1.0"
-
-
-def io_counters(pid: str = "self") -> dict[str, int]:
-    counters = {}
-    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-        key, _, value = line.partition(":")
-        counters[key] = int(value)
-    return counters
 
 
 class Bench:

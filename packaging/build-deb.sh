@@ -49,11 +49,12 @@ project_version() {
 }
 
 # A clean copy of the sources: the wheel build must not write build/ or *.egg-info into the
-# checkout, nor pick up .venv or caches.
+# checkout, nor pick up .venv or caches. The device's code only: the development tools
+# (azaion_loader_dev: dev-api, the test harness) are not copied, nor is their command declared.
 copy_sources() {
 	local src=$1
 	mkdir -p "$src"
-	cp "$REPO/pyproject.toml" "$src/"
+	grep -v '^azaion-loader-dev = ' "$REPO/pyproject.toml" >"$src/pyproject.toml"
 	if [ -f "$REPO/README.md" ]; then
 		cp "$REPO/README.md" "$src/"
 	else
@@ -75,6 +76,15 @@ build_venv() {
 	rmdir "$venv/include/python"* "$venv/include" 2>/dev/null || true
 	# Optional metadata that would only record this machine's temporary build path.
 	find "$venv" -name direct_url.json -path '*.dist-info/*' -delete
+}
+
+# The device package holds the device's code only (tests/system checks the .deb's file list too).
+check_no_development_tools() {
+	local venv=$1 found
+	found=$(find "$venv" \( -name 'azaion_loader_dev*' -o -name 'azaion-loader-dev' \) -print -quit)
+	[ -z "$found" ] || die "a development tool got into the package: $found"
+	! grep -qs azaion_loader_dev "$venv"/lib/python*/site-packages/*.dist-info/entry_points.txt ||
+		die "the package declares a development command"
 }
 
 # Point everything that names the staging path at the installed one.
@@ -215,6 +225,7 @@ main() {
 	echo "build-deb: $NAME $version for $arch on $("$PYTHON" -V) ($PYTHON)"
 	copy_sources "$work/src"
 	build_venv "$work/src" "$stage$PREFIX"
+	check_no_development_tools "$stage$PREFIX"
 	relocate_venv "$stage"
 	strip_libraries "$stage$PREFIX"
 	install_files "$stage" "$version"

@@ -26,18 +26,18 @@ import os
 import secrets
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from run_local import start_dev_api
+from azaion_loader_dev.harness.agent import AgentProcess, agent_env, free_port
+from azaion_loader_dev.harness.devapi import DevApi, new_dev_api
+from azaion_loader_dev.harness.process import log_tail
 
 REPO = Path(__file__).resolve().parent.parent
 EMAIL = "demo@localhost"
@@ -45,15 +45,15 @@ FOLDER = "models"
 SAMPLE = "sample-model.bin"
 SAMPLE_SIZE = 3 * 1024 * 1024 + 123
 DEMO_REPOSITORY = "azaion-loader-demo/hello"
-START_TIMEOUT = 30.0
 UNLOCK_TIMEOUT = 300.0
+TAIL_LINES = 20  # of a log, when a step failed
 NO_ENGINE_HELP = """\
    No Docker engine answered, so the unlock part is skipped. To see it:
      - Debian/Ubuntu: sudo apt-get install docker.io && sudo systemctl start docker,
        then run `make demo` as root or as a member of the docker group;
      - or point DOCKER_HOST at an engine you have: DOCKER_HOST=unix:///path/to/docker.sock make demo
        (rootless Docker: DOCKER_HOST=unix://$XDG_RUNTIME_DIR/docker.sock);
-     - the test suite starts a private engine of its own: see tests/fixtures/dockerd.py."""
+     - the tests and benchmarks start a private engine: azaion_loader_dev/harness/dockerd.py."""
 
 
 class DemoFailed(Exception):
@@ -68,23 +68,16 @@ def note(text: str) -> None:
     print(f"   {text}", flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 class Demo:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.password = secrets.token_urlsafe(18)
         self.socket_path = root / "loader.sock"
         self.port = free_port()
-        self.dev_api: subprocess.Popen[str] | None = None
-        self.agent: subprocess.Popen[bytes] | None = None
+        self.dev_api: DevApi | None = None
+        self.agent: AgentProcess | None = None
         self.agent_log = root / "agent.log"
-        self.dev_api_log = root / "dev-api.log"
-        self.api_url = ""
+        self.dev_api_log = root / "dev-api" / "dev-api.log"
         self.docker_host: str | None = None
         self.docker: Any = None
         self.demo_image_id: str | None = None
@@ -92,19 +85,12 @@ class Demo:
     # -- running things ------------------------------------------------------------------------
 
     def env(self) -> dict[str, str]:
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("LOADER_", "AZAION_", "NOTIFY_", "LISTEN_", "WATCHDOG_"))
-        }
-        env.update(
-            RESOURCE_API_URL=self.api_url,
+        # State, cache and images.enc in the root; no unlock at start: the demo starts it itself.
+        env = agent_env(
+            self.root,
+            RESOURCE_API_URL=self.api.url,
             LOADER_SOCKET_PATH=str(self.socket_path),
             LOADER_HTTP_PORT=str(self.port),
-            LOADER_STATE_DIR=str(self.root / "state"),
-            MODEL_CACHE_DIR=str(self.root / "cache"),
-            IMAGES_PATH=str(self.root / "images.enc"),
-            LOADER_AUTO_UNLOCK="false",  # the demo starts it itself, to show it
             LOADER_LOG_LEVEL="INFO",
             LOADER_ALLOWED_GROUPS=grp.getgrgid(os.getgid()).gr_name,  # yours, on this machine
         )
@@ -137,36 +123,34 @@ class Demo:
             raise DemoFailed(f"`azaion-loader {args[0]}` failed: {result.stderr.strip()}")
         return result.stdout
 
+    @property
+    def api(self) -> DevApi:
+        assert self.dev_api is not None
+        return self.dev_api
+
     def start_dev_api(self) -> None:
-        with self.dev_api_log.open("a") as log:
-            try:
-                self.dev_api, self.api_url = start_dev_api(
-                    self.root, self.password, email=EMAIL, log=log
-                )
-            except SystemExit as exc:
-                raise DemoFailed(f"dev-api did not start:\n{_tail(self.dev_api_log)}") from exc
+        try:
+            self.dev_api = new_dev_api(self.root / "dev-api", email=EMAIL, password=self.password)
+        except RuntimeError as exc:
+            raise DemoFailed(
+                f"dev-api did not start:\n{log_tail(self.dev_api_log, TAIL_LINES)}"
+            ) from exc
 
     def start_agent(self) -> None:
-        log = self.agent_log.open("ab")
-        self.agent = subprocess.Popen(
-            [sys.executable, "-m", "agent", "serve"],
-            cwd=REPO,
-            env=self.env(),
-            stdout=log,
-            stderr=log,
-        )
-        log.close()
-        deadline = time.monotonic() + START_TIMEOUT
-        while not self.socket_path.exists() or not _answers(self.socket_path):
-            if self.agent.poll() is not None:
-                raise DemoFailed(f"the agent exited at start:\n{_tail(self.agent_log)}")
-            if time.monotonic() > deadline:
-                raise DemoFailed(f"the agent did not start:\n{_tail(self.agent_log)}")
-            time.sleep(0.05)
+        self.agent = AgentProcess(self.root, self.env())
+        try:
+            self.agent.start()
+        except AssertionError as exc:
+            raise DemoFailed(
+                f"the agent did not start:\n{log_tail(self.agent_log, TAIL_LINES)}"
+            ) from exc
 
     def stop(self) -> None:
-        _stop(self.agent)
-        _stop(self.dev_api)
+        if self.agent is not None:
+            with contextlib.suppress(AssertionError):  # killed after its time: stopped too
+                self.agent.stop()
+        if self.dev_api is not None:
+            self.dev_api.stop()
         self.agent = self.dev_api = None
         if self.docker is not None:
             if self.demo_image_id is not None:
@@ -179,7 +163,7 @@ class Demo:
     def services(self) -> None:
         say("1. Start a dev-api and the agent (everything on loopback, in a temp directory)")
         self.start_dev_api()
-        note(f"dev-api (reference Resource API + CDN, NOT for production) on {self.api_url}")
+        note(f"dev-api (reference Resource API + CDN, NOT for production) on {self.api.url}")
         note(f"its account: {EMAIL}, with a generated password (never printed)")
         self.start_agent()
         note(f"agent serving on unix:{self.socket_path} and http://127.0.0.1:{self.port}")
@@ -206,8 +190,8 @@ class Demo:
 
     def show_where_it_lives(self, data: bytes) -> None:
         say("   Where the resource lives now")
-        small = self.root / "dev-api" / "small" / FOLDER / SAMPLE
-        bigs = list((self.root / "dev-api" / "cdn" / FOLDER).glob("*"))
+        small = self.api.data_dir / "small" / FOLDER / SAMPLE
+        bigs = list((self.api.data_dir / "cdn" / FOLDER).glob("*"))
         cached = [p for p in (self.root / "cache").rglob("*") if p.is_file()]
         note(
             f"Resource API, small part: {small.stat().st_size} bytes (a key fragment, header, head)"
@@ -244,7 +228,7 @@ class Demo:
         self.demo_image_id = str(self.docker.images.get(ref).id)
         note(f"built a tiny image {ref} ({self.demo_image_id[:19]})")
         archive = self.root / "images.enc"
-        fragment = self.root / "api-fragment.key"
+        fragment = self.api.key_fragment_path
         # The dev-api serves this fragment: restart it with the new one after packing.
         self.docker_host = host
         self.cli(
@@ -252,12 +236,12 @@ class Demo:
         )
         self.docker.images.remove(self.demo_image_id, force=True)
         note(f"removed {ref} from the engine: the device now has only {archive.name}")
-        _stop(self.dev_api)
-        self.start_dev_api()
-        note(f"dev-api restarted to serve the archive's key fragment, on {self.api_url}")
-        _stop(self.agent)
+        self.api.restart()
+        note(f"dev-api restarted to serve the archive's key fragment, on {self.api.url}")
+        if self.agent is not None:
+            self.agent.stop()
         self.start_agent()
-        note("agent restarted with the new Resource API URL and DOCKER_HOST")
+        note("agent restarted with DOCKER_HOST pointing at the engine")
         self.cli("login", "--email", EMAIL, AZAION_PASSWORD=self.password)
         self.cli("unlock", "--wait")
         image = self.docker.images.get(self.demo_image_id)
@@ -267,30 +251,6 @@ class Demo:
         note("no tar file was written: the archive was decrypted straight into the engine")
         self.cli("status")
         return True
-
-
-def _stop(process: subprocess.Popen[Any] | None) -> None:
-    if process is None:
-        return
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    if process.stdout is not None:
-        process.stdout.close()
-
-
-def _answers(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-        probe.sendall(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        return probe.recv(64).startswith(b"HTTP/1.")
 
 
 def _docker_client(host: str) -> Any:
@@ -327,13 +287,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
 @contextlib.contextmanager
 def workspace(keep: bool) -> Iterator[Path]:
     # Short, under /tmp: a Unix socket path must fit in 108 bytes.
@@ -342,7 +295,7 @@ def workspace(keep: bool) -> Iterator[Path]:
         yield root
     finally:
         if keep:
-            print(f"\nkept {root} (logs: agent.log, dev-api.log)")
+            print(f"\nkept {root} (logs: agent.log, dev-api/dev-api.log)")
         else:
             shutil.rmtree(root, ignore_errors=True)
 
@@ -360,7 +313,9 @@ def main() -> int:
             unlocked = demo.images()
         except DemoFailed as exc:
             print(f"\nDEMO FAILED: {exc}", file=sys.stderr)
-            print(f"agent log (last lines):\n{_tail(demo.agent_log)}", file=sys.stderr)
+            print(
+                f"agent log (last lines):\n{log_tail(demo.agent_log, TAIL_LINES)}", file=sys.stderr
+            )
             return 1
         except KeyboardInterrupt:
             print("\ninterrupted", file=sys.stderr)

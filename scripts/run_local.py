@@ -1,8 +1,9 @@
 """``make run``: the agent on local defaults, no root and no Azaion account needed.
 
-Everything lives under one folder (default ``.run/``): the socket, state, cache, a generated
-key fragment and generated dev-api credentials. A local dev-api (the reference Resource API,
-never for production) serves as the agent's Resource API. Ctrl-C stops both.
+Everything lives under one folder (default ``.run/``): the socket, state, cache, and a local
+dev-api (the reference Resource API, never for production) with generated credentials and key
+fragment in ``dev-api/``, serving as the agent's Resource API. Both log here, on the terminal.
+Ctrl-C stops both.
 """
 
 from __future__ import annotations
@@ -11,42 +12,12 @@ import argparse
 import grp
 import os
 import secrets
-import signal
-import subprocess
-import sys
 from pathlib import Path
-from typing import IO
 
-from agent.keys import generate_fragment, write_fragment_file
+from azaion_loader_dev.harness.agent import AgentProcess
+from azaion_loader_dev.harness.devapi import new_dev_api
 
 EMAIL = "dev@localhost"
-
-
-def start_dev_api(
-    root: Path, password: str, *, email: str = EMAIL, log: IO[str] | None = None
-) -> tuple[subprocess.Popen[str], str]:
-    """Start dev-api on a free loopback port (its key fragment: ``root/api-fragment.key``,
-    made if missing); returns the process and its URL. Its log goes to ``log`` (default: ours)."""
-    fragment = root / "api-fragment.key"
-    if not fragment.exists():
-        write_fragment_file(fragment, generate_fragment())
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "agent", "dev-api",
-            "--host", "127.0.0.1", "--port", "0",
-            "--data-dir", str(root / "dev-api"),
-            "--user", f"{email}:{password}",
-            "--key-fragment", str(fragment),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if "listening on " in line:
-            return proc, line.rsplit("listening on ", 1)[1].split()[0]
-    raise SystemExit("dev-api did not start; see the lines above")
 
 
 def main() -> int:
@@ -62,11 +33,11 @@ def main() -> int:
         password_file.chmod(0o600)
     password = password_file.read_text().strip()
 
-    dev_api, url = start_dev_api(root, password)
+    dev_api = new_dev_api(root / "dev-api", email=EMAIL, password=password, log_to_stderr=True)
     socket_path = root / "loader.sock"
     env = {
         **os.environ,
-        "RESOURCE_API_URL": url,
+        "RESOURCE_API_URL": dev_api.url,
         "LOADER_SOCKET_PATH": str(socket_path),
         "LOADER_HTTP_PORT": args.port,
         "LOADER_STATE_DIR": str(root / "state"),
@@ -80,22 +51,21 @@ def main() -> int:
         ),
     }
     print(
-        f"dev-api (reference Resource API, not for production) on {url}\n"
+        f"dev-api (reference Resource API, not for production) on {dev_api.url}\n"
         f"agent socket: {socket_path}\n"
         f"try:  curl --unix-socket {socket_path} http://localhost/status\n"
         f"      .venv/bin/azaion-loader status --socket {socket_path}\n"
         "Ctrl-C stops both.",
         flush=True,
     )
-    agent = subprocess.Popen([sys.executable, "-m", "agent", "serve"], env=env)
+    agent = AgentProcess(root, env).start(wait=False, stdout=None, stderr=None)
+    assert agent.proc is not None
     try:
-        return agent.wait()
+        return agent.proc.wait()
     except KeyboardInterrupt:
-        agent.send_signal(signal.SIGTERM)
-        return agent.wait()
+        return agent.stop()
     finally:
-        dev_api.terminate()
-        dev_api.wait()
+        dev_api.stop()
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
-"""dev-api, the reference Resource API + CDN, over real HTTP on loopback."""
+"""dev-api, the reference Resource API + CDN, over real HTTP on loopback; and its commands:
+``azaion-loader-dev dev-api``, and ``azaion-loader dev-api`` (the same where the development
+package is installed, one clear line where it is not, as on a device)."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import shutil
 import subprocess
 import sys
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +19,8 @@ import pytest
 from yarl import URL
 
 from agent import keys
-from tests.fixtures.devapi import REPO_ROOT, DevApi
+from tests.fixtures.agent import REPO
+from tests.fixtures.devapi import DevApi, new_dev_api
 
 
 @pytest.fixture
@@ -346,20 +351,77 @@ async def test_unknown_fault_fields_are_refused(shared_dev_api: DevApi) -> None:
         shared_dev_api.faults(explode=True)
 
 
-def run_dev_api(*args: str) -> subprocess.CompletedProcess[str]:
+DEV_COMMAND = [sys.executable, "-m", "azaion_loader_dev", "dev-api"]
+AGENT_COMMAND = [sys.executable, "-m", "agent", "dev-api"]
+# ``python -m agent`` on a machine without the development package (a device).
+WITHOUT_DEV_PACKAGE = [
+    sys.executable,
+    "-c",
+    "import sys; sys.modules['azaion_loader_dev'] = None; from agent.cli import main; "
+    "raise SystemExit(main(sys.argv[1:]))",
+    "dev-api",
+]
+
+
+def run_dev_api(*args: str, command: list[str] = DEV_COMMAND) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "agent", "dev-api", *args],
-        cwd=REPO_ROOT,
+        [*command, *args],
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=60,
     )
 
 
-def test_malformed_user_is_a_usage_error(tmp_path: Path) -> None:
-    result = run_dev_api("--data-dir", str(tmp_path), "--user", "no-colon-here")
+@pytest.mark.parametrize(
+    ("command", "prog"),
+    [(DEV_COMMAND, "azaion-loader-dev"), (AGENT_COMMAND, "azaion-loader")],
+    ids=["azaion-loader-dev", "azaion-loader"],
+)
+def test_malformed_user_is_a_usage_error(tmp_path: Path, command: list[str], prog: str) -> None:
+    result = run_dev_api("--data-dir", str(tmp_path), "--user", "no-colon-here", command=command)
     assert result.returncode == 2
-    assert "--user must be EMAIL:PASSWORD" in result.stderr
+    assert (
+        result.stderr == f"{prog}: error: --user must be EMAIL:PASSWORD with both parts non-empty\n"
+    )
+
+
+def test_azaion_loader_dev_api_delegates_to_the_development_package(tmp_path: Path) -> None:
+    api = new_dev_api(tmp_path)
+    api.stop()
+    api.argv = AGENT_COMMAND
+    api.start()  # the same flags, the same announcement, on the same port
+    try:
+        with urllib.request.urlopen(f"{api.url}/health", timeout=10) as response:
+            assert response.headers["Server"] == "azaion-dev-api (NOT FOR PRODUCTION)"
+    finally:
+        api.stop()
+    usage = run_dev_api("--help", command=AGENT_COMMAND).stdout
+    for flag in ("--host", "--port", "--data-dir", "--user", "--key-fragment", "--token-ttl"):
+        assert flag in usage
+
+        api.stop()
+
+
+def test_the_console_script_is_installed() -> None:
+    script = shutil.which("azaion-loader-dev", path=Path(sys.executable).parent)
+    if script is None:
+        pytest.skip("the project is not pip-installed in this interpreter's environment")
+    result = run_dev_api("--help", command=[script, "dev-api"])
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: azaion-loader-dev dev-api")
+
+
+@pytest.mark.parametrize(
+    "args", [["--port", "0", "--data-dir", "data", "--user", "a@b:c"], ["--help"], []]
+)
+def test_without_the_development_package_dev_api_says_so_in_one_line(args: list[str]) -> None:
+    result = run_dev_api(*args, command=WITHOUT_DEV_PACKAGE)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith("azaion-loader: error: dev-api is a development tool")
+    assert "not installed on this device" in line and "azaion-loader-dev" in line
 
 
 def test_port_in_use_is_a_clear_error(tmp_path: Path, shared_dev_api: DevApi) -> None:

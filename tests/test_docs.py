@@ -1,5 +1,5 @@
 """The docs match the tree: every file a doc cites exists, and the README's layout table names
-every module of the agent."""
+every module of the agent and of the development tools."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 # A backticked path into the project's own folders, optionally followed by `::name`.
 CITED = re.compile(
-    r"`((?:agent|tests|bench|scripts|systemd|packaging|docs|\.ci)/[A-Za-z0-9_./-]+)`"
+    r"`((?:agent|azaion_loader_dev|tests|bench|scripts|systemd|packaging|docs|\.ci)"
+    r"/[A-Za-z0-9_./-]+)`"
 )
 
 
@@ -34,4 +35,23 @@ def test_readme_layout_names_every_agent_module() -> None:
     modules = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "agent").glob("*.py"))
     unnamed = [m for m in modules if m != "agent/__init__.py" and m != "agent/__main__.py"
                and f"`{m}`" not in layout]  # fmt: skip
+    assert unnamed == [], f"README's Layout table does not name {unnamed}"
+
+
+def test_readme_layout_names_every_development_module() -> None:
+    """Each module of azaion_loader_dev/ by its path, or in the row of its folder by its name."""
+    text = (REPO / "README.md").read_text()
+    rows = text[text.index("## Layout") :].splitlines()
+    unnamed = []
+    for path in sorted((REPO / "azaion_loader_dev").rglob("*.py")):
+        if path.name in ("__init__.py", "__main__.py"):
+            continue
+        module = path.relative_to(REPO).as_posix()
+        folder = f"`{path.parent.relative_to(REPO).as_posix()}/`"
+        named = any(
+            f"`{module}`" in row or (row.startswith(f"| {folder}") and f"`{path.name}`" in row)
+            for row in rows
+        )
+        if not named:
+            unnamed.append(module)
     assert unnamed == [], f"README's Layout table does not name {unnamed}"

@@ -1,77 +1,50 @@
-"""``dev-api``: the reference Resource API and CDN (development, tests, demo; NOT production)."""
+"""``dev-api``: ``azaion-loader-dev dev-api`` where the development tools are installed.
+
+The reference Resource API is a development tool (``azaion_loader_dev``), left out of the
+device package. Where it is installed (``pip install -e .`` from the sources), this command is
+the same as ``azaion-loader-dev dev-api``, flags included; on a device it says in one line that
+it is not there. The lookup happens when the parser is built, never when ``agent`` is imported.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-from pathlib import Path
+from types import ModuleType
 
-from agent import keys
-from agent.defaults import DEFAULT_MAX_BIG_BYTES, DEFAULT_MAX_SMALL_BYTES
-from agent.errors import ConfigError
+from agent.errors import LoaderError
+
+NOT_INSTALLED = (
+    "dev-api is a development tool, not installed on this device; install the project from "
+    "source with pip (pip install .) to get azaion-loader-dev"
+)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    dev_cli = _development_cli()
+    if dev_cli is not None:
+        dev_cli.register(sub)
+        return
+    # Takes whatever follows (flags included, "+" is no prefix anyone types) to refuse it all
+    # with the one line below rather than with argparse's complaint about the first flag.
     p = sub.add_parser(
         "dev-api",
-        help="run the reference Resource API and CDN (NOT FOR PRODUCTION)",
-        description="The reference Resource API and CDN of docs/resource-api.md, keeping its "
-        "data in a directory. For development, tests and the demo: NOT FOR PRODUCTION.",
+        help="the reference Resource API (a development tool, not installed here)",
+        add_help=False,
+        prefix_chars="+",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8080, help="port (0: any free one; default 8080)")
-    p.add_argument(
-        "--data-dir", type=Path, required=True, metavar="DIR", help="where parts are kept"
-    )
-    p.add_argument(
-        "--user",
-        action="append",
-        required=True,
-        metavar="EMAIL:PASSWORD",
-        help="an account that may log in (repeatable)",
-    )
-    p.add_argument(
-        "--key-fragment", type=Path, help="images key fragment file (as written by keygen)"
-    )
-    p.add_argument("--token-ttl", type=float, default=3600.0, help="token lifetime, seconds")
-    p.add_argument("--max-small-bytes", type=int, default=DEFAULT_MAX_SMALL_BYTES)
-    p.add_argument("--max-big-bytes", type=int, default=DEFAULT_MAX_BIG_BYTES)
-    p.set_defaults(func=cmd_dev_api)
+    p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_not_installed)
 
 
-def parse_users(specs: list[str]) -> dict[str, str]:
-    users: dict[str, str] = {}
-    for spec in specs:
-        email, sep, password = spec.partition(":")
-        if not (sep and email and password):
-            raise ConfigError("--user must be EMAIL:PASSWORD with both parts non-empty")
-        users[email] = password
-    return users
+def _development_cli() -> ModuleType | None:
+    try:
+        from azaion_loader_dev import cli
+    except ModuleNotFoundError as exc:
+        if exc.name != "azaion_loader_dev":
+            raise
+        return None
+    return cli
 
 
-def cmd_dev_api(args: argparse.Namespace) -> int:
-    if not 0 <= args.port <= 65535:
-        raise ConfigError("--port must be between 0 and 65535")
-    if args.token_ttl <= 0:
-        raise ConfigError("--token-ttl must be positive")
-    fragment_text = None
-    if args.key_fragment is not None:
-        fragment_text = keys.encode_fragment(keys.read_fragment_file(args.key_fragment))
-    from agent import devapi  # aiohttp: only for this command, not every CLI call
-
-    config = devapi.DevApiConfig(
-        data_dir=args.data_dir,
-        users=parse_users(args.user),
-        key_fragment_text=fragment_text,
-        host=args.host,
-        port=args.port,
-        token_ttl=args.token_ttl,
-        max_small_bytes=args.max_small_bytes,
-        max_big_bytes=args.max_big_bytes,
-    )
-    asyncio.run(devapi.serve(config, ready=_announce))
-    return 0
-
-
-def _announce(url: str) -> None:
-    print(f"dev-api listening on {url}", flush=True)
+def cmd_not_installed(args: argparse.Namespace) -> int:
+    raise LoaderError(NOT_INSTALLED)

@@ -38,7 +38,8 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures.agent import wait_for
+from azaion_loader_dev.harness.agent import wait_for
+from azaion_loader_dev.harness.process import log_tail
 
 SUITE = "bookworm"
 VARIANT = "minbase"
@@ -450,11 +451,7 @@ class Machine:
     # -- what went on inside -------------------------------------------------------------------
 
     def console(self, lines: int = 60) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no console log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines, "(no console log)")
 
     def journal(self, unit: str | None = None, lines: int = 200) -> str:
         command = ["journalctl", "--no-pager", "-o", "short-monotonic", "-n", str(lines)]

@@ -20,6 +20,7 @@ import pytest
 from agent import stream
 from agent.images import ImageEngine
 from agent.pack import pack_images
+from azaion_loader_dev.harness.agent import free_port
 from tests.fixtures.devapi import DevApi
 from tests.fixtures.dockerd import Dockerd, import_image
 from tests.system.machine import Machine, missing, require, wait_for
@@ -42,12 +43,6 @@ NewMachine = Callable[..., Machine]
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def show(machine: Machine, unit: str, *properties: str) -> dict[str, str]:
@@ -147,6 +142,40 @@ def test_package_bundles_a_venv_on_debians_python(deb_package: Path) -> None:
     # Bytecode is compiled on the device (postinst), never shipped with build paths inside.
     assert "__pycache__" not in contents
     assert "./opt/azaion-loader/bin/pip" not in contents
+
+
+DEVELOPMENT_TOOLS = re.compile(r"azaion_loader_dev|azaion-loader-dev|devapi|dev_api")
+# The one file of that name that belongs: azaion-loader's shim, which says dev-api is not here.
+DEV_API_SHIM = "/site-packages/agent/cli/devapi.py"
+
+
+def test_package_holds_no_development_tools(deb_package: Path) -> None:
+    """No dev-api (an unauthenticated fault-injection endpoint), no test harness, no
+    ``azaion-loader-dev``: the device package holds the device's code only."""
+    contents = subprocess.run(
+        ["dpkg-deb", "--contents", str(deb_package)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "./opt/azaion-loader/bin/azaion-loader" in contents  # the listing is the package's
+    found = [
+        line
+        for line in contents.splitlines()
+        if DEVELOPMENT_TOOLS.search(line) and not line.endswith(DEV_API_SHIM)
+    ]
+    assert found == [], "\n".join(found)
+
+
+def test_dev_api_on_the_device_says_it_is_not_installed(new_machine: NewMachine) -> None:
+    machine, _ = boot_installed(new_machine)
+
+    result = machine.run(
+        ["azaion-loader", "dev-api", "--port", "0", "--data-dir", "/tmp/d", "--user", "a:b"],
+        check=False,
+        timeout=30,  # were it there, it would serve until this ends it
+    )
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    [line] = result.stderr.splitlines()
+    assert "dev-api is a development tool, not installed on this device" in line, line
 
 
 # -- install, boot, serve ---------------------------------------------------------------------

@@ -1,0 +1,3 @@
+from azaion_loader_dev.cli import main
+
+raise SystemExit(main())
