@@ -92,3 +92,23 @@ def test_no_import_circles_in_the_package() -> None:
 def test_a_circle_is_found() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert circles(graph) == [["a", "b", "c"]]
+
+
+def test_the_device_package_does_not_depend_on_development_tools() -> None:
+    """Only the ``dev-api`` command's shim looks for them (and copes with their absence)."""
+    users = sorted(
+        module_name(path)
+        for path in AGENT.rglob("*.py")
+        if any(
+            (
+                isinstance(node, ast.Import)
+                and any(a.name.startswith("azaion_loader_dev") for a in node.names)
+            )
+            or (
+                isinstance(node, ast.ImportFrom)
+                and (node.module or "").startswith("azaion_loader_dev")
+            )
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        )
+    )
+    assert users == ["agent.cli.devapi"]
