@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from loguru import logger
 
 from agent import keys
+from agent.archive import ArchiveManifest, ImageEntry, PayloadSplitter
 from agent.durable import write_atomically
 from agent.errors import (
     DockerUnavailable,
@@ -56,7 +57,6 @@ from agent.errors import (
     describe,
 )
 from agent.images import ImageEngine
-from agent.pack import ArchiveManifest, ImageEntry, PayloadSplitter
 from agent.retry import RetryCounts, RetryPolicy, retry_call
 from agent.schemas import UnlockProgress, UnlockState, UnlockStatus
 from agent.settings import Settings

@@ -37,8 +37,9 @@ sys.path.insert(0, str(REPO))
 from pydantic import SecretStr  # noqa: E402
 
 from agent.api_client import ResourceApiClient  # noqa: E402
+from agent.archive import PayloadSplitter  # noqa: E402
 from agent.images import ImageEngine  # noqa: E402
-from agent.pack import PayloadSplitter, pack_images  # noqa: E402
+from agent.pack import pack_images  # noqa: E402
 from agent.retry import RetryPolicy  # noqa: E402
 from agent.settings import Settings  # noqa: E402
 from agent.stream import decrypt_iter  # noqa: E402

@@ -20,9 +20,11 @@ import pytest
 
 from agent import keys
 from agent.api_client import ResourceApiClient
+from agent.archive import ArchiveManifest, ImageEntry, payload_head
+from agent.durable import write_stream_atomically
 from agent.errors import NotFoundError
 from agent.images import ImageEngine
-from agent.pack import ArchiveManifest, ImageEntry, pack_images, payload_head, write_atomically
+from agent.pack import pack_images
 from agent.retry import RetryPolicy
 from agent.schemas import UnlockStatus
 from agent.settings import Settings
@@ -352,7 +354,7 @@ async def test_docker_load_error_is_reported_as_such(rig: Rig) -> None:
         images=(ImageEntry("azaion/broken:1", "sha256:" + "c" * 64, "azaion/broken", True),)
     )
     payload = [payload_head(manifest), b"this is not a docker save tar" * 1000]
-    write_atomically(rig.archive, encrypt_iter(payload, [rig.dev_api.key_fragment]))
+    write_stream_atomically(rig.archive, encrypt_iter(payload, [rig.dev_api.key_fragment]))
 
     result = await unlock(rig.manager())
 
