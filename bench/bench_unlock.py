@@ -36,11 +36,10 @@ sys.path.insert(0, str(REPO))
 
 from pydantic import SecretStr  # noqa: E402
 
-from agent.api_client import ResourceApiClient  # noqa: E402
 from agent.archive import PayloadSplitter  # noqa: E402
 from agent.images import ImageEngine  # noqa: E402
 from agent.pack import pack_images  # noqa: E402
-from agent.retry import RetryPolicy  # noqa: E402
+from agent.service import resource_api_client  # noqa: E402
 from agent.settings import Settings  # noqa: E402
 from agent.stream import decrypt_iter  # noqa: E402
 from agent.unlock import READ_SIZE, UnlockManager  # noqa: E402
@@ -130,7 +129,7 @@ class Bench:
 
 
 async def run_unlock(settings: Settings) -> dict[str, object]:
-    async with ResourceApiClient(settings.resource_api_url, policy=RetryPolicy()) as api:
+    async with resource_api_client(settings) as api:
         manager = UnlockManager(settings, api)
         await manager.start()
         return (await manager.wait()).model_dump(mode="json")

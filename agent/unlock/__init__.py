@@ -9,7 +9,8 @@
 
 ``waiting`` is the state while a transient fault (network or Resource API down, 5xx, 429,
 Docker engine not up) is being backed off; ``progress.stage`` then still names the stage that
-will be retried. At boot the retries go on indefinitely.
+will be retried. At boot the retries go on indefinitely, and they are the only retries: each
+attempt shown is one request to the Resource API.
 
 ``loading`` is one stream: archive file -> decryptor -> ``docker load`` (chunked HTTP body), in
 a worker thread. Only authenticated plaintext is passed on, the manifest at the head of the

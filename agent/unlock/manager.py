@@ -1,14 +1,17 @@
 """The unlock's state machine on the event loop: ``UnlockManager`` (drawn in ``agent.unlock``).
 
-It runs the stages in order, backs off transient faults with the boot retry policy, hands the
-blocking work to a worker thread (``agent.unlock.threads``, ``agent.unlock.pipeline``) and keeps
-what callers see (``agent.unlock.status``).
+It runs the stages in order, backs off transient faults with the boot retry policy (the only
+retry loop: the Resource API client is asked for one request per attempt), hands the blocking
+work to a worker thread (``agent.unlock.threads``, ``agent.unlock.pipeline``) and keeps what
+callers see (``agent.unlock.status``). The clock, the sleep, the jitter and the wall-clock time
+come from its caller, with the real ones by default.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -21,7 +24,7 @@ from loguru import logger
 from agent import keys
 from agent.errors import DockerUnavailable, LoaderError, NotAuthenticated, NotFoundError, describe
 from agent.images import ImageEngine
-from agent.retry import RetryPolicy, retry_call
+from agent.retry import Clock, RetryPolicy, Sleep, retry_call
 from agent.schemas import UnlockState, UnlockStatus
 from agent.settings import Settings
 from agent.unlock.pipeline import LoadOutcome, already_loaded, load_archive, verify_images
@@ -36,6 +39,9 @@ T = TypeVar("T")
 
 PROGRESS_INTERVAL = 0.25  # seconds between progress notifications (at most 4 a second)
 BOOT_RETRY_POLICY = RetryPolicy(base_delay=1.0, max_delay=30.0, max_attempts=None, max_total=None)
+# One request per call of the Resource API client: the boot policy's loop is the only one, so
+# each attempt the unlock shows is one real request.
+SINGLE_ATTEMPT = RetryPolicy(max_attempts=1, max_total=None)
 MB = 1000 * 1000
 
 
@@ -50,17 +56,24 @@ class UnlockManager:
         engine_factory: Callable[[], ImageEngine] | None = None,
         on_change: Callable[[], None] | None = None,
         retry_policy: RetryPolicy = BOOT_RETRY_POLICY,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+        rng: random.Random | None = None,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._settings = settings
         self._api = api
         self._engine_factory = engine_factory or (lambda: ImageEngine.connect(settings.docker_host))
         self._on_change = on_change
         self._policy = retry_policy
-        self._clock = time.monotonic
+        self._clock = clock
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._now = now
         self._view = UnlockView()
         self._task: asyncio.Task[None] | None = None
         self._cancel = threading.Event()
-        self._stage_started = time.monotonic()
+        self._stage_started = clock()
         self.stats = UnlockStats()
 
     # -- what callers see ----------------------------------------------------------------------
@@ -189,7 +202,14 @@ class UnlockManager:
             return await step()
 
         try:
-            result = await retry_call(attempt, self._policy, on_retry=self._on_retry)
+            result = await retry_call(
+                attempt,
+                self._policy,
+                on_retry=self._on_retry,
+                rng=self._rng,
+                sleep=self._sleep,
+                clock=self._clock,
+            )
         finally:
             self.stats.stage_seconds[state] = self._clock() - began
         logger.info("unlock {} done in {:.2f} s", state.value, self.stats.stage_seconds[state])
@@ -205,19 +225,15 @@ class UnlockManager:
         )
 
     async def _fetch_fragments(self) -> list[bytes]:
-        if not self._api.has_credentials and self._settings.has_credentials:
-            assert self._settings.azaion_email and self._settings.azaion_password
-            self._api.set_credentials(
-                self._settings.azaion_email, self._settings.azaion_password.get_secret_value()
-            )
         if not self._api.has_credentials:
             raise NotAuthenticated(
                 "no Resource API credentials are configured (azaion-loader login, "
                 "AZAION_EMAIL/AZAION_PASSWORD, or POST /unlock with email and password)"
             )
-        await self._stage(UnlockState.AUTHENTICATING, self._api.login)
+        api = self._api
+        await self._stage(UnlockState.AUTHENTICATING, lambda: api.login(policy=SINGLE_ATTEMPT))
         api_fragment: bytes = await self._stage(
-            UnlockState.DOWNLOADING_KEY, self._api.get_key_fragment
+            UnlockState.DOWNLOADING_KEY, lambda: api.get_key_fragment(policy=SINGLE_ATTEMPT)
         )
         fragments = [api_fragment]
         device_path = self._settings.loader_device_fragment_path
@@ -280,7 +296,7 @@ class UnlockManager:
             archive=outcome.archive,
             images=images,
             api_version=api_version,
-            unlocked_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            unlocked_at=self._now().isoformat(timespec="seconds"),
         )
         await asyncio.to_thread(write_record, self._state_dir, record)
         self._view.image_count = len(images)
