@@ -1,158 +1,24 @@
-"""The encrypted images archive: what ``pack-images`` writes and what the unlock reads back.
+"""The publisher's side of the images archive: ``pack-images`` (format: ``agent.archive``).
 
-The archive is one encrypted stream (``agent.stream``) whose plaintext payload is
-
-    payload  = PAYLOAD_MAGIC || u32 manifest_length || manifest || docker_save_tar
-    manifest = UTF-8 JSON: {"version": 1, "created": ISO time, "images": [
-                   {"ref": "azaion/app:1.2", "id": "sha256:...",
-                    "repository": "azaion/app" | null, "api_tag": true | false}, ...]}
-
-The manifest comes first, so the unlock knows what to expect (and that the key is right)
-before a byte reaches Docker, and it sits inside the encrypted, authenticated payload, so the
-archive says nothing in the clear. ``api_tag`` asks the device to tag that image
-``repository:API_VERSION`` after loading. The plaintext tar is never written to disk: ``docker
-save`` streams through the encryptor into a temp file that is renamed into place when complete.
+``docker save`` streams through the encryptor into a temp file beside the archive that is
+synced and renamed into place when complete (``agent.durable``): the plaintext tar is never
+written to disk, and an interrupted pack leaves the old archive, never half of a new one.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from agent.errors import ConfigError, StorageError, UnsupportedFormatError
+from agent.archive import ARCHIVE_CHUNK_SIZE, ArchiveManifest, ImageEntry, payload_head
+from agent.durable import write_stream_atomically
+from agent.errors import ConfigError
 from agent.images import ImageEngine, parse_reference
 from agent.stream import encrypt_iter
 
-PAYLOAD_MAGIC = b"AZIMG\x00\x01\n"
-MANIFEST_VERSION = 1
-LENGTH_SIZE = 4
-MAX_MANIFEST_SIZE = 1024 * 1024
-# Large chunks keep the per-chunk overhead of decryption negligible next to Docker's own work.
-ARCHIVE_CHUNK_SIZE = 1024 * 1024
-WRITE_BUFFER = 4 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class ImageEntry:
-    """One image the archive holds."""
-
-    ref: str
-    id: str
-    repository: str | None
-    api_tag: bool
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "ref": self.ref,
-            "id": self.id,
-            "repository": self.repository,
-            "api_tag": self.api_tag,
-        }
-
-    @classmethod
-    def from_json(cls, data: Any) -> ImageEntry:
-        if not isinstance(data, dict):
-            raise UnsupportedFormatError("the images manifest lists something that is not an image")
-        ref, image_id = data.get("ref"), data.get("id")
-        repository, api_tag = data.get("repository"), data.get("api_tag", False)
-        if not isinstance(ref, str) or not isinstance(image_id, str):
-            raise UnsupportedFormatError("an image in the images manifest lacks its ref or ID")
-        if not (repository is None or isinstance(repository, str)) or not isinstance(api_tag, bool):
-            raise UnsupportedFormatError(f"the images manifest entry for {ref} is malformed")
-        return cls(
-            ref=ref, id=image_id, repository=repository, api_tag=api_tag and bool(repository)
-        )
-
-
-@dataclass(frozen=True)
-class ArchiveManifest:
-    images: tuple[ImageEntry, ...]
-    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-
-    def encode(self) -> bytes:
-        document = {
-            "version": MANIFEST_VERSION,
-            "created": self.created,
-            "images": [image.to_json() for image in self.images],
-        }
-        return json.dumps(document, separators=(",", ":"), sort_keys=True).encode("utf-8")
-
-    @classmethod
-    def decode(cls, data: bytes) -> ArchiveManifest:
-        try:
-            document = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise UnsupportedFormatError("the images manifest is not valid JSON") from exc
-        if not isinstance(document, dict) or document.get("version") != MANIFEST_VERSION:
-            raise UnsupportedFormatError(
-                "the images manifest has a version this agent does not know"
-            )
-        images = document.get("images")
-        if not isinstance(images, list) or not images:
-            raise UnsupportedFormatError("the images manifest lists no images")
-        created = document.get("created")
-        return cls(
-            images=tuple(ImageEntry.from_json(item) for item in images),
-            created=created if isinstance(created, str) else "",
-        )
-
-
-def payload_head(manifest: ArchiveManifest) -> bytes:
-    """What precedes the ``docker save`` tar in the plaintext payload."""
-    encoded = manifest.encode()
-    if len(encoded) > MAX_MANIFEST_SIZE:
-        raise ConfigError("too many images for one archive (the manifest exceeds 1 MiB)")
-    return PAYLOAD_MAGIC + len(encoded).to_bytes(LENGTH_SIZE, "big") + encoded
-
-
-class PayloadSplitter:
-    """Reads the manifest off the front of a plaintext payload; the rest is the tar.
-
-    ``read_manifest`` pulls only as many plaintext pieces as the manifest needs, so the key and
-    the format are known good before anything is handed on; ``tar_chunks`` then yields the
-    remainder of the payload untouched.
-    """
-
-    def __init__(self, plaintext: Iterable[bytes]) -> None:
-        self._source = iter(plaintext)
-        self._buffer = bytearray()
-
-    def _fill(self, size: int) -> None:
-        while len(self._buffer) < size:
-            piece = next(self._source, None)
-            if piece is None:
-                raise UnsupportedFormatError("the archive ends inside its manifest")
-            self._buffer += piece
-
-    def _take(self, size: int) -> bytes:
-        self._fill(size)
-        taken = bytes(self._buffer[:size])
-        del self._buffer[:size]
-        return taken
-
-    def read_manifest(self) -> ArchiveManifest:
-        if self._take(len(PAYLOAD_MAGIC)) != PAYLOAD_MAGIC:
-            raise UnsupportedFormatError(
-                "the archive does not hold Docker images (unknown payload)"
-            )
-        length = int.from_bytes(self._take(LENGTH_SIZE), "big")
-        if length > MAX_MANIFEST_SIZE:
-            raise UnsupportedFormatError("the archive's manifest is implausibly large")
-        return ArchiveManifest.decode(self._take(length))
-
-    def tar_chunks(self) -> Iterator[bytes]:
-        if self._buffer:
-            rest, self._buffer = bytes(self._buffer), bytearray()
-            yield rest
-        yield from self._source
+ARCHIVE_MODE = 0o644  # ciphertext only: readable by whoever ships it
 
 
 @dataclass(frozen=True)
@@ -177,7 +43,8 @@ def describe_images(engine: ImageEngine, refs: Sequence[str], *, api_tag: bool) 
                 api_tag=api_tag and repository is not None,
             )
         )
-    return ArchiveManifest(images=tuple(entries))
+    created = datetime.now(UTC).isoformat(timespec="seconds")
+    return ArchiveManifest(images=tuple(entries), created=created)
 
 
 def pack_images(
@@ -193,8 +60,8 @@ def pack_images(
     payload = _chain(
         [payload_head(manifest)], engine.save([image.ref for image in manifest.images])
     )
-    size, digest = write_atomically(
-        out, encrypt_iter(payload, fragments, chunk_size=ARCHIVE_CHUNK_SIZE)
+    size, digest = write_stream_atomically(
+        out, encrypt_iter(payload, fragments, chunk_size=ARCHIVE_CHUNK_SIZE), mode=ARCHIVE_MODE
     )
     return PackResult(manifest=manifest, archive_size=size, archive_sha256=digest)
 
@@ -202,34 +69,3 @@ def pack_images(
 def _chain(*parts: Iterable[bytes]) -> Iterator[bytes]:
     for part in parts:
         yield from part
-
-
-def write_atomically(path: Path, pieces: Iterable[bytes]) -> tuple[int, str]:
-    """Write ``pieces`` to a temp file beside ``path``, sync, rename; returns size and SHA-256.
-
-    A failure (or an interruption) leaves the old file, never a partial one.
-    """
-    try:
-        descriptor, temp_name = tempfile.mkstemp(
-            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-        )
-    except OSError as exc:
-        raise StorageError(f"cannot write {path}: {exc.strerror}") from exc
-    digest = hashlib.sha256()
-    size = 0
-    try:
-        with os.fdopen(descriptor, "wb", buffering=WRITE_BUFFER) as file:
-            for piece in pieces:
-                file.write(piece)
-                digest.update(piece)
-                size += len(piece)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temp_name, 0o644)
-        os.replace(temp_name, path)
-    except OSError as exc:
-        raise StorageError(f"cannot write {path}: {exc.strerror}") from exc
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
-    return size, digest.hexdigest()

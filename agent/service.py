@@ -42,7 +42,8 @@ LOOP_ERROR_LOG_INTERVAL = 5.0
 LoopExceptionHandler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]
 
 
-def build_services(settings: Settings, notifier: Notifier, access: AccessPolicy) -> Services:
+def resource_api_client(settings: Settings) -> ResourceApiClient:
+    """The Resource API client the settings describe, holding their credentials if any."""
     api = ResourceApiClient(
         settings.resource_api_url,
         limits=TransferLimits(
@@ -55,6 +56,11 @@ def build_services(settings: Settings, notifier: Notifier, access: AccessPolicy)
         password = settings.azaion_password.get_secret_value()
         register_secret(password)
         api.set_credentials(settings.azaion_email, password)
+    return api
+
+
+def build_services(settings: Settings, notifier: Notifier, access: AccessPolicy) -> Services:
+    api = resource_api_client(settings)
     unlock: UnlockManager
 
     def on_unlock_change() -> None:

@@ -32,10 +32,10 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from agent.api_client import ResourceApiClient
+from agent.archive import PayloadSplitter
 from agent.images import ImageEngine
-from agent.pack import PayloadSplitter, pack_images
-from agent.retry import RetryPolicy
+from agent.pack import pack_images
+from agent.service import resource_api_client
 from agent.settings import Settings
 from agent.stream import decrypt_iter
 from agent.unlock import READ_SIZE, UnlockManager
@@ -118,7 +118,7 @@ class Bench:
 
 
 async def run_unlock(settings: Settings) -> dict[str, object]:
-    async with ResourceApiClient(settings.resource_api_url, policy=RetryPolicy()) as api:
+    async with resource_api_client(settings) as api:
         manager = UnlockManager(settings, api)
         await manager.start()
         return (await manager.wait()).model_dump(mode="json")

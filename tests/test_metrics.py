@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent import __version__, stream
-from agent.pack import ArchiveManifest, ImageEntry, payload_head
+from agent.archive import ArchiveManifest, ImageEntry, payload_head
 from tests.fixtures.agent import AgentProcess, wait_for
 from tests.fixtures.devapi import DevApi
 from tests.fixtures.users import AccessUsers, curl_as

@@ -1,7 +1,9 @@
-"""The images archive: payload layout, and pack-images against a real dockerd."""
+"""The images archive: payload layout (``agent.archive``), its durable write, and pack-images
+against a real dockerd."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import stat
@@ -14,17 +16,11 @@ from pathlib import Path
 import pytest
 
 from agent import keys
+from agent.archive import PAYLOAD_MAGIC, ArchiveManifest, ImageEntry, PayloadSplitter, payload_head
+from agent.durable import write_stream_atomically
 from agent.errors import LoaderError, UnsupportedFormatError, WrongKeyError
 from agent.images import ImageEngine
-from agent.pack import (
-    PAYLOAD_MAGIC,
-    ArchiveManifest,
-    ImageEntry,
-    PayloadSplitter,
-    pack_images,
-    payload_head,
-    write_atomically,
-)
+from agent.pack import pack_images
 from agent.stream import decrypt_iter
 from tests.fixtures.dockerd import Dockerd, import_image
 
@@ -72,7 +68,23 @@ def test_splitter_refuses_what_is_not_an_images_payload(payload: bytes, message:
         PayloadSplitter([payload]).read_manifest()
 
 
-def test_write_atomically_leaves_old_file_on_failure(tmp_path: Path) -> None:
+def test_stream_write_returns_size_and_digest_and_sets_the_mode(tmp_path: Path) -> None:
+    target = tmp_path / "archive.enc"
+    target.write_bytes(b"old")
+    pieces = [b"new ", b"", b"data" * 1000]
+
+    size, digest = write_stream_atomically(target, iter(pieces), mode=0o644)
+
+    assert target.read_bytes() == b"".join(pieces)
+    assert (size, digest) == (
+        len(target.read_bytes()),
+        hashlib.sha256(b"".join(pieces)).hexdigest(),
+    )
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_stream_write_leaves_old_file_on_failure(tmp_path: Path) -> None:
     target = tmp_path / "archive.enc"
     target.write_bytes(b"old")
 
@@ -81,7 +93,7 @@ def test_write_atomically_leaves_old_file_on_failure(tmp_path: Path) -> None:
         raise OSError(28, "No space left on device")
 
     with pytest.raises(LoaderError, match="No space left"):
-        write_atomically(target, pieces())
+        write_stream_atomically(target, pieces())
     assert target.read_bytes() == b"old"
     assert list(tmp_path.iterdir()) == [target]
 
@@ -105,6 +117,8 @@ def test_pack_images_writes_an_encrypted_archive_of_docker_save(
 
     raw = archive.read_bytes()
     assert result.archive_size == len(raw)
+    assert stat.S_IMODE(archive.stat().st_mode) == 0o644
+    assert list(tmp_path.iterdir()) == [archive]  # no temp file left
     # Nothing about the images is readable in the clear.
     for clear in (b"azaion/test-pack", image_id.encode(), b"manifest.json", b"busybox"):
         assert clear not in raw

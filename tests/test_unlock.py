@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +22,24 @@ import pytest
 
 from agent import keys
 from agent.api_client import ResourceApiClient
+from agent.archive import ArchiveManifest, ImageEntry, payload_head
+from agent.durable import write_stream_atomically
 from agent.errors import NotFoundError
 from agent.images import ImageEngine
-from agent.pack import ArchiveManifest, ImageEntry, pack_images, payload_head, write_atomically
+from agent.pack import pack_images
 from agent.retry import RetryPolicy
 from agent.schemas import UnlockStatus
+from agent.service import resource_api_client
 from agent.settings import Settings
 from agent.stream import encrypt_iter
-from agent.unlock import RECORD_NAME, UnlockManager, UnlockState, held_back, read_record
+from agent.unlock import (
+    BOOT_RETRY_POLICY,
+    RECORD_NAME,
+    UnlockManager,
+    UnlockState,
+    held_back,
+    read_record,
+)
 from tests.fixtures.devapi import DevApi
 from tests.fixtures.dockerd import Dockerd, DockerDaemon, import_image
 
@@ -67,6 +79,38 @@ def pack_test_image(dockerd: Dockerd, directory: Path, fragments: list[bytes]) -
     return Packed(archive=archive, ref=ref, repository=repository, image_id=image_id)
 
 
+class HighestJitter(random.Random):
+    """Backoff jitter that always takes the top of its range: a fixed schedule, 1, 2, 4 s..."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+class Stepped:
+    """Time for a manager: a clock that moves only when the manager sleeps (by the whole pause,
+    at once), and a fixed wall-clock time. ``seen`` is what the manager showed at each pause."""
+
+    WALL = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+    def __init__(self, look: Callable[[], Awaitable[Any]]) -> None:
+        self.now = 1000.0
+        self.look = look
+        self.seen: list[Any] = []
+
+    def parameters(self) -> dict[str, Any]:
+        return {
+            "retry_policy": BOOT_RETRY_POLICY,
+            "clock": lambda: self.now,
+            "sleep": self.sleep,
+            "rng": HighestJitter(),
+            "now": lambda: self.WALL,
+        }
+
+    async def sleep(self, delay: float) -> None:
+        self.seen.append(await self.look())
+        self.now += delay
+
+
 @dataclass
 class Rig:
     """Everything one unlock test needs; ``manager()`` builds a fresh agent-side manager."""
@@ -104,11 +148,11 @@ class Rig:
         *,
         engine_factory: Callable[[], ImageEngine] | None = None,
         states: list[str] | None = None,
+        time_source: Stepped | None = None,
         **overrides: Any,
     ) -> UnlockManager:
         settings = self.settings(**overrides)
-        # One try per call inside the client: the manager's own retries are what we test.
-        api = ResourceApiClient(settings.resource_api_url, policy=RetryPolicy(max_attempts=1))
+        api = resource_api_client(settings)  # as the service builds it, credentials and all
         self.clients.append(api)
         manager: UnlockManager
 
@@ -121,7 +165,7 @@ class Rig:
             api,
             engine_factory=engine_factory,
             on_change=record,
-            retry_policy=FAST_RETRY,
+            **(time_source.parameters() if time_source else {"retry_policy": FAST_RETRY}),
         )
         self.managers.append(manager)
         return manager
@@ -352,7 +396,7 @@ async def test_docker_load_error_is_reported_as_such(rig: Rig) -> None:
         images=(ImageEntry("azaion/broken:1", "sha256:" + "c" * 64, "azaion/broken", True),)
     )
     payload = [payload_head(manifest), b"this is not a docker save tar" * 1000]
-    write_atomically(rig.archive, encrypt_iter(payload, [rig.dev_api.key_fragment]))
+    write_stream_atomically(rig.archive, encrypt_iter(payload, [rig.dev_api.key_fragment]))
 
     result = await unlock(rig.manager())
 
@@ -371,6 +415,20 @@ async def test_bad_credentials_end_in_error_without_retrying(rig: Rig) -> None:
     assert result["error"].startswith("bad credentials")
     assert "not-the-password" not in str(result)
     assert rig.dev_api.count("POST", "/login") == 1
+
+
+async def test_credentials_come_from_the_client_only(rig: Rig) -> None:
+    """The manager logs in with what its client holds; settings are the service's to apply."""
+    rig.pack()
+    settings = rig.settings()  # with the right credentials, which the client is not given
+    async with ResourceApiClient(settings.resource_api_url) as api:
+        manager = UnlockManager(settings, api, retry_policy=FAST_RETRY)
+
+        result = await unlock(manager)
+
+    assert result["state"] == "error"
+    assert result["error"].startswith("no credentials: no Resource API credentials")
+    assert rig.dev_api.count("POST", "/login") == 0
 
 
 async def test_api_down_at_first_then_up(private_rig: Rig) -> None:
@@ -407,6 +465,47 @@ async def test_api_errors_are_retried(rig: Rig, status: int) -> None:
 
     assert result["state"] == "ready", result
     assert rig.dev_api.count("GET", "/binary-split/key-fragment") == 4
+
+
+async def test_each_attempt_shown_is_one_request_on_the_callers_clock(rig: Rig) -> None:
+    """The boot policy is the only retry loop: when the manager shows "attempt N" of a stage,
+    the Resource API has seen N-1 requests of it. Time comes from the caller: the backoff is
+    a fixed schedule, nothing really waits, and the record carries the caller's time."""
+    packed = rig.pack()
+    rig.dev_api.faults(status=503, path="/login", count=2)
+    rig.dev_api.faults(status=503, path="/binary-split/key-fragment", count=2)
+    manager: UnlockManager
+
+    async def look() -> tuple[str, str, float, int]:
+        stage = manager.snapshot().progress.stage
+        path = {"authenticating": "/login", "downloading_key": "/binary-split/key-fragment"}
+        method = "POST" if stage == "authenticating" else "GET"
+        served = await asyncio.to_thread(rig.dev_api.count, method, path[stage])
+        snapshot = manager.snapshot()
+        assert snapshot.next_retry_in is not None
+        return stage, manager.status_line(), snapshot.next_retry_in, served
+
+    stepped = Stepped(look)
+    manager = rig.manager(time_source=stepped)
+
+    result = await unlock(manager)
+
+    assert result["state"] == "ready", result
+    assert stepped.seen == [
+        ("authenticating", "waiting for network, next try in 1 s (attempt 2)", 1.0, 1),
+        ("authenticating", "waiting for network, next try in 2 s (attempt 3)", 2.0, 2),
+        ("downloading_key", "waiting for network, next try in 1 s (attempt 2)", 1.0, 1),
+        ("downloading_key", "waiting for network, next try in 2 s (attempt 3)", 2.0, 2),
+    ]
+    assert rig.dev_api.count("POST", "/login") == 3
+    assert rig.dev_api.count("GET", "/binary-split/key-fragment") == 3
+    stages = manager.stats.stage_seconds
+    assert stages[UnlockState.AUTHENTICATING] == stages[UnlockState.DOWNLOADING_KEY] == 3.0
+    assert stages[UnlockState.CHECKING] == stages[UnlockState.LOADING] == 0.0
+    record = read_record(rig.state_dir)
+    assert record is not None
+    assert record.unlocked_at == "2030-01-02T03:04:05+00:00"
+    assert [image.id for image in record.images] == [packed.image_id]
 
 
 async def test_docker_engine_started_late(rig: Rig, late_dockerd: DockerDaemon) -> None:

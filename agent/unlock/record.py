@@ -1,0 +1,118 @@
+"""What survives a reboot: the record of the last successful unlock.
+
+``LOADER_STATE_DIR/unlock.json``, written durably and atomically (``agent.durable``), names the
+archive by its ``ArchiveIdentity`` and lists the images it held. At the next boot, the same
+archive with all those images present needs no network. Nothing in it is secret.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from agent.archive import ImageEntry
+from agent.durable import write_atomically
+from agent.errors import LoaderError
+from agent.stream import HEADER_SIZE
+
+RECORD_NAME = "unlock.json"
+RECORD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ArchiveIdentity:
+    """Which archive: the SHA-256 of its stream header, and its size.
+
+    The header holds the archive's random salt and a MAC over it under the archive's key, so it
+    is unique per archive and cannot be reused with other content without the key. Digesting
+    the header instead of the whole file keeps the boot-time check instant at any archive size
+    (and the load free of a second hash over every byte).
+    """
+
+    header_sha256: str
+    size: int
+
+    @classmethod
+    def of_header(cls, header: bytes, size: int) -> ArchiveIdentity:
+        return cls(hashlib.sha256(header).hexdigest(), size)
+
+
+@dataclass(frozen=True)
+class UnlockRecord:
+    """What survives a reboot: which archive was unlocked, and into which images."""
+
+    archive: ArchiveIdentity
+    images: tuple[ImageEntry, ...]
+    api_version: str
+    unlocked_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": RECORD_VERSION,
+            "archive": {
+                "header_sha256": self.archive.header_sha256,
+                "size": self.archive.size,
+            },
+            "images": [image.to_json() for image in self.images],
+            "api_version": self.api_version,
+            "unlocked_at": self.unlocked_at,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> UnlockRecord:
+        if not isinstance(data, dict) or data.get("version") != RECORD_VERSION:
+            raise ValueError("unknown record version")
+        archive = data["archive"]
+        return cls(
+            archive=ArchiveIdentity(
+                header_sha256=str(archive["header_sha256"]), size=int(archive["size"])
+            ),
+            images=tuple(ImageEntry.from_json(item) for item in data["images"]),
+            api_version=str(data["api_version"]),
+            unlocked_at=str(data["unlocked_at"]),
+        )
+
+
+def record_path(state_dir: Path) -> Path:
+    return state_dir / RECORD_NAME
+
+
+def read_record(state_dir: Path) -> UnlockRecord | None:
+    """The last successful unlock, or None (none yet, or unreadable: then we simply reload)."""
+    path = record_path(state_dir)
+    try:
+        return UnlockRecord.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, LoaderError) as exc:
+        logger.warning("ignoring unreadable unlock record {}: {}", path, exc)
+        return None
+
+
+def write_record(state_dir: Path, record: UnlockRecord) -> None:
+    """Durable and atomic: a crash leaves the old record or the new one."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    data = json.dumps(record.to_json(), indent=2, sort_keys=True).encode("utf-8") + b"\n"
+    write_atomically(record_path(state_dir), data)
+
+
+def remove_stale_temp_files(state_dir: Path) -> None:
+    """Temp files of a record write that a power cut interrupted; harmless, but tidy up."""
+    for stale in state_dir.glob(f".{RECORD_NAME}.*.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+
+
+def archive_identity(path: Path) -> ArchiveIdentity:
+    """The identity of the archive at ``path`` (reads only its header)."""
+    with path.open("rb") as file:
+        header = file.read(HEADER_SIZE)
+        size = os.fstat(file.fileno()).st_size
+    return ArchiveIdentity.of_header(header, size)
