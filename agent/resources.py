@@ -35,7 +35,7 @@ from types import TracebackType
 from loguru import logger
 
 from agent import keys, stream
-from agent.api_client import CDN, ResourceApiClient, TransferGuard
+from agent.api_client import ResourceApiClient
 from agent.cache import BigPartCache, Spool, check_component
 from agent.errors import (
     BodyInterrupted,
@@ -45,6 +45,7 @@ from agent.errors import (
     UpstreamError,
 )
 from agent.schemas import UploadResult
+from agent.transport import CDN, TransferGuard
 
 READ_SIZE = 1024 * 1024  # ciphertext per read: a record split between reads costs a copy
 # Plaintext per __anext__: 192 KiB fits a Unix socket's default send buffer (208 KiB), so the

@@ -13,14 +13,7 @@ import pytest
 from loguru import logger
 from yarl import URL
 
-from agent.api_client import (
-    CDN,
-    RESOURCE_API,
-    ResourceApiClient,
-    _Call,
-    parse_retry_after,
-    translate_error,
-)
+from agent.api_client import ResourceApiClient
 from agent.errors import (
     BadCredentials,
     BodyInterrupted,
@@ -35,6 +28,7 @@ from agent.errors import (
     UpstreamUnavailable,
 )
 from agent.retry import RetryPolicy
+from agent.transport import CDN, RESOURCE_API, Call, parse_retry_after, translate_error
 from tests.fixtures.devapi import DevApi
 
 ATTEMPTS = 5
@@ -421,7 +415,7 @@ class _FakeConnectionKey:
 def test_foreign_errors_are_translated_and_name_the_upstream(
     exc: BaseException, expected: type[LoaderError]
 ) -> None:
-    call = _Call(CDN, "big part f/n", "GET", URL("http://cdn.example.test/f/n"))
+    call = Call(CDN, "big part f/n", "GET", URL("http://cdn.example.test/f/n"))
     translated = translate_error(exc, call)
     assert type(translated) is expected
     if expected is not ConfigError:
