@@ -7,7 +7,8 @@ it (the login answer field by field, receipts typed, ``Content-Range`` by an ASC
 anything else is ``UpstreamError`` (502). Sending, re-logging in once when a token is refused,
 statuses, foreign errors, bounded reads and retries are ``agent.transport``'s.
 
-Uploads of big parts keep a minimum throughput (``TransferGuard``).
+A big part's download (``iter_big_part``) is one attempt: ``agent.download`` retries, resumes
+and verifies it. Uploads of big parts keep a minimum throughput too (``TransferGuard``).
 """
 
 from __future__ import annotations
@@ -323,8 +324,9 @@ class ResourceApiClient:
     async def iter_big_part(
         self, folder: str, name: str, *, offset: int = 0
     ) -> AsyncIterator[bytes]:
-        """The big part's bytes from ``offset`` on (HTTP Range). Opening is retried; a break
-        mid-body raises ``BodyInterrupted`` so the caller resumes from what it has."""
+        """The big part's bytes from ``offset`` on (HTTP Range), in one attempt: whoever
+        downloads retries (``agent.download``). A break mid-body raises ``BodyInterrupted``,
+        so that the caller resumes from what it has."""
         if offset < 0:
             raise ValueError("offset cannot be negative")
         headers = {"Accept-Encoding": "identity"}
@@ -338,7 +340,7 @@ class ResourceApiClient:
             headers=headers,
             streaming=True,
         )
-        response = await self._transport.exchange(call, keep_open)
+        response = await self._transport.attempt(call, keep_open)
         try:
             skip = _bytes_to_skip(call, response, offset)
             async for chunk in body_chunks(call, response):

@@ -27,7 +27,7 @@ import itertools
 import os
 import re
 import struct
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -37,15 +37,9 @@ from loguru import logger
 from agent import keys, stream
 from agent.api_client import ResourceApiClient
 from agent.cache import BigPartCache, Spool, check_component
-from agent.errors import (
-    BodyInterrupted,
-    LoaderError,
-    StreamError,
-    TruncatedError,
-    UpstreamError,
-)
+from agent.download import BigPartDownloads
+from agent.errors import LoaderError, StreamError, TruncatedError, UpstreamError
 from agent.schemas import UploadResult
-from agent.transport import CDN, TransferGuard
 
 READ_SIZE = 1024 * 1024  # ciphertext per read: a record split between reads costs a copy
 # Plaintext per __anext__: 192 KiB fits a Unix socket's default send buffer (208 KiB), so the
@@ -135,16 +129,20 @@ class ResourceStore:
         ``LOADER_MAX_RESOURCE_BYTES``); more is a 502 before anything is downloaded."""
         self._api = api
         self._max_big_size = max_resource_bytes
-        # Opening a download is retried by the client; resuming one that broke off, here.
-        self._cache = BigPartCache(cache_dir, policy=api.policy, resumable=(BodyInterrupted,))
+        self._cache = BigPartCache(cache_dir)
+        self._downloads = BigPartDownloads(api, self._cache)
         self.stats = ResourceStats()
 
     @property
     def cache(self) -> BigPartCache:
         return self._cache
 
+    @property
+    def downloads(self) -> BigPartDownloads:
+        return self._downloads
+
     async def close(self) -> None:
-        await self._cache.close()
+        await self._downloads.close()
 
     # -- upload --------------------------------------------------------------------------------
 
@@ -213,18 +211,13 @@ class ResourceStore:
                 f"read ({exc})"
             ) from exc
         self._check_claimed_size(small, folder, name)
-        # One guard for the whole download, across resumptions: a CDN that drips bytes or
-        # never ends is cut off (504) rather than holding the caller forever.
-        guard = TransferGuard(self._api.limits, CDN, f"big part of {folder}/{name}")
-
-        async def download(offset: int) -> AsyncIterator[bytes]:
-            chunks = self._api.iter_big_part(folder, small.big_name, offset=offset)
-            async for chunk in guard.watch(chunks):
-                yield chunk
-
         for last_try in (False, True):
-            path = await self._cache.fetch(
-                folder, small.big_name, small.big_size, small.big_sha256, download
+            path = await self._downloads.fetch(
+                folder,
+                small.big_name,
+                small.big_size,
+                small.big_sha256,
+                what=f"big part of {folder}/{name}",
             )
             try:
                 # Held open from here: a concurrent drop of the file cannot pull it away.

@@ -105,11 +105,7 @@ class TransferGuard:
         past its deadline or below its minimum rate over a full window."""
         now = self._clock()
         limits = self._limits
-        if now >= self._deadline_at:
-            raise self._fail(
-                f"{self._where} did not deliver the {self._what} within "
-                f"{limits.deadline:.0f} s (LOADER_UPSTREAM_DEADLINE)"
-            )
+        self._check_deadline(now)
         self._window_bytes += received
         if limits.min_rate and now - self._window_start >= limits.window:
             if self._window_bytes < limits.min_rate * limits.window:
@@ -119,13 +115,22 @@ class TransferGuard:
                 )
             self._window_start, self._window_bytes = now, 0
 
+    def _check_deadline(self, now: float) -> None:
+        if now >= self._deadline_at:
+            raise self._fail(
+                f"{self._where} did not deliver the {self._what} within "
+                f"{self._limits.deadline:.0f} s (LOADER_UPSTREAM_DEADLINE)"
+            )
+
     async def watch(self, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
         """``chunks``, each counted as it arrives. The rate window of each pass (attempt or
         resumption) starts at its first byte, so waiting to connect or a pause a server asked
         for (Retry-After) is not counted as slowness; the deadline counts everything. A read
         that brings nothing for a whole window (the client's read timeout, at most one window)
         is below any minimum: ``UpstreamTimeout``, not a break to resume."""
-        self.count(0)  # past the deadline, a pass does not start
+        # Past the deadline, a pass does not start; the time since the last pass (a pause
+        # before a retry) is not a rate window.
+        self._check_deadline(self._clock())
         first = True
         try:
             async for chunk in chunks:
@@ -401,6 +406,16 @@ async def _raise_for_status(
     raise error
 
 
+# Statuses with an error of their own: the class and the sentence (then the operation).
+_STATUS_ERRORS: dict[int, tuple[type[LoaderError], str]] = {
+    403: (UpstreamForbidden, "{where} does not allow this account access"),
+    409: (ConflictError, "{where} reports a conflicting upload in progress"),
+    413: (PayloadTooLarge, "{where} refused the upload as too large"),
+    416: (RangeNotSatisfiable, "{where} cannot resume: the part is shorter"),
+    504: (UpstreamTimeout, "{where} timed out upstream (HTTP 504)"),
+}
+
+
 def status_error(call: Call, status: int, retry_after: str | None, relogged: bool) -> LoaderError:
     """The agent's error for an upstream's HTTP error status (docs/resource-api.md). It names
     the upstream, the operation and the status; never anything the upstream wrote."""
@@ -417,18 +432,11 @@ def status_error(call: Call, status: int, retry_after: str | None, relogged: boo
         if relogged:
             return UpstreamError(f"{where} refused a token it had just issued{suffix}")
         return UpstreamError(f"{where} asks for a login where the contract has none{suffix}")
-    if status == 403:
-        return UpstreamForbidden(f"{where} does not allow this account access{suffix}")
     if status == 404:
         return UpstreamNotFound(f"{where} has no {call.what}")
-    if status == 409:
-        return ConflictError(f"{where} reports a conflicting upload in progress{suffix}")
-    if status == 413:
-        return PayloadTooLarge(f"{where} refused the upload as too large{suffix}")
-    if status == 416:
-        return RangeNotSatisfiable(f"{where} cannot resume: the part is shorter{suffix}")
-    if status == 504:
-        return UpstreamTimeout(f"{where} timed out upstream (HTTP 504){suffix}")
+    if status in _STATUS_ERRORS:
+        error, sentence = _STATUS_ERRORS[status]
+        return error(sentence.format(where=where) + suffix)
     if status == 429 or status >= 500:
         return UpstreamThrottled(
             f"{where} is unavailable (HTTP {status}){suffix}", parse_retry_after(retry_after)

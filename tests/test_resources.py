@@ -251,11 +251,13 @@ async def test_cut_cdn_body_is_detected_and_resumed(
     data = pattern(5 * CS + 123)
     result = await make_store().upload(resource_folder, "model", pieces(data))
     shared_dev_api.faults(**{fault: True}, path="/cdn/")
-    assert await load(make_store(), resource_folder, "model") == data
+    other_device = make_store()
+    assert await load(other_device, resource_folder, "model") == data
     ranges = [e["range"] for e in shared_dev_api.log("/cdn/") if e["method"] == "GET"]
     assert ranges[0] is None and len(ranges) == 2
     if fault == "truncate":  # a short body that looks complete: resumed where it ended
         assert ranges[1] == f"bytes={result.big_size // 2}-"
+        assert other_device.downloads.stats.retries.items() == []  # progress: no retry
     # A dropped connection resumes after whatever had arrived, which depends on timing.
 
 
@@ -280,9 +282,13 @@ async def test_cdn_that_keeps_failing_is_tried_only_as_the_policy_allows(
 ) -> None:
     await make_store().upload(resource_folder, "model", pieces(b"data"))
     shared_dev_api.faults(status=503, path="/cdn/", method="GET", count=None)
+    other_device = make_store()
     with pytest.raises(UpstreamUnavailable, match="CDN"):
-        await make_store().open(resource_folder, "model")
+        await other_device.open(resource_folder, "model")
     assert shared_dev_api.count("GET", "/cdn/") == FAST.max_attempts
+    # One retry loop: each retry of the download once, as a CDN retry (not a resumption).
+    retries = other_device.downloads.stats.retries.items()
+    assert retries == [(("cdn", "unavailable"), FAST.max_attempts - 1)]
 
 
 async def test_garbage_from_the_cdn_is_dropped_and_fetched_again(
