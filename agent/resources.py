@@ -21,6 +21,7 @@ thread; load crypto runs on the loop in short turns (see ``Resource``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import io
 import itertools
@@ -244,18 +245,13 @@ class ResourceStore:
                 f"of {self._max_big_size} (LOADER_MAX_RESOURCE_BYTES)"
             )
         try:
-            header = stream.parse_header(small.head)
+            stream.parse_header(small.head)
         except StreamError as exc:
             raise UpstreamError(f"{what} holds no valid stream header ({exc})") from exc
         for fragment_length in range(keys.MIN_FRAGMENT_SIZE, keys.MAX_FRAGMENT_SIZE + 1):
-            if small.big_size < 1 + fragment_length:  # it starts with its fragment
-                break
-            ciphertext_size = len(small.head) + small.big_size - (1 + fragment_length)
-            try:
-                stream.plaintext_size(ciphertext_size, chunk_size=header.chunk_size)
+            with contextlib.suppress(TruncatedError):
+                plaintext_size(small, fragment_length)
                 return
-            except TruncatedError:
-                continue
         raise UpstreamError(f"{what} records a big part of an impossible size ({small.big_size})")
 
 
@@ -289,13 +285,12 @@ class Resource:
         self._stats = stats
         big_fragment = _read_big_prefix(file)
         try:
-            header = stream.parse_header(small.head)
-            ciphertext_size = len(small.head) + small.big_size - (1 + len(big_fragment))
-            self.size = stream.plaintext_size(ciphertext_size, chunk_size=header.chunk_size)
+            self.size = plaintext_size(small, len(big_fragment))
+            chunk_size = stream.parse_header(small.head).chunk_size
         except StreamError as exc:
             raise UpstreamError(f"the small part holds no valid stream header ({exc})") from exc
         self._decryptor = stream.Decryptor([small.fragment, big_fragment])
-        self._chunks_per_block = max(1, BLOCK_SIZE // header.chunk_size)
+        self._chunks_per_block = max(1, BLOCK_SIZE // chunk_size)
         self._buffer = bytearray(READ_SIZE)  # reused: fresh big buffers cost page faults
         self._offset = file.tell()  # where the ciphertext goes on; reads are positional
         # Decrypts lazily: each chunk as it is asked for. The buffer is read into again only
@@ -438,6 +433,18 @@ def _refused(exc: BaseException) -> bool:
     attempt did): removing the big part then could break a stored resource, so it stays."""
     status = exc.upstream_status if isinstance(exc, LoaderError) else None
     return status is not None and 300 <= status < 500
+
+
+def plaintext_size(small: SmallPart, fragment_length: int) -> int:
+    """The plaintext length of the resource that ``small`` records, if its big part starts
+    with a key fragment of ``fragment_length`` bytes (length-prefixed, ``_big_prefix``).
+    ``StreamError`` if the small part holds no stream header; ``TruncatedError`` if no
+    complete stream has that length."""
+    header = stream.parse_header(small.head)
+    if small.big_size < 1 + fragment_length:
+        raise TruncatedError("the big part is shorter than its key fragment")
+    ciphertext_size = len(small.head) + small.big_size - (1 + fragment_length)
+    return stream.plaintext_size(ciphertext_size, chunk_size=header.chunk_size)
 
 
 def _big_prefix(fragment: bytes) -> bytes:
