@@ -303,6 +303,11 @@ class Resource:
         self._closed = False
         self._decrypted = 0
 
+    @property
+    def closed(self) -> bool:
+        """Whether the big part's file has been released (``aclose``, or read to the end)."""
+        return self._file.closed
+
     def __aiter__(self) -> Resource:
         return self
 
