@@ -10,12 +10,14 @@ last and is the commit.
 
 Load: the small part comes from the API on every load (it is never cached: on disk next to the
 big part it would undo the split); the big part comes from the cache if intact, else from the
-CDN (resumed, shared between concurrent loads). Plaintext exists only in memory, a block of
-``BLOCK_SIZE`` at a time per load (plus what the socket holds). Upload crypto runs in a worker
-thread; load crypto runs on the loop in short turns (see ``Resource``).
+CDN (``agent.download``: resumed, shared between concurrent loads). A small part's claim is
+checked before anything is downloaded (``plaintext_size``: a size a resource can have, within
+``LOADER_MAX_RESOURCE_BYTES``). Plaintext exists only in memory, a block of ``BLOCK_SIZE`` at a
+time per load (plus what the socket holds). Upload crypto runs in a worker thread; load crypto
+runs on the loop in short turns (see ``Resource``).
 
 ``ResourceStore.stats`` counts the plaintext bytes handed out, one addition per block, for
-``/metrics`` (the cache keeps its own ``stats``).
+``/metrics`` (the downloads keep their own ``stats``: cache hits, misses, retries).
 """
 
 from __future__ import annotations
