@@ -34,28 +34,37 @@ StoreFactory = Callable[..., ResourceStore]
 
 
 @pytest.fixture
-async def make_client(shared_dev_api: DevApi) -> AsyncIterator[Callable[..., ResourceApiClient]]:
+async def closing() -> AsyncIterator[list[ResourceApiClient | ResourceStore]]:
+    """What a test made, closed after it (last made first: a store before its client)."""
+    made: list[ResourceApiClient | ResourceStore] = []
+    yield made
+    for thing in reversed(made):
+        await thing.close()
+
+
+@pytest.fixture
+def make_client(
+    shared_dev_api: DevApi, closing: list[ResourceApiClient | ResourceStore]
+) -> Callable[..., ResourceApiClient]:
     """API clients logged in as the dev-api's user (or with another ``password``)."""
-    made: list[ResourceApiClient] = []
 
     def make(password: str | None = None) -> ResourceApiClient:
         client = ResourceApiClient(shared_dev_api.url, policy=FAST)
         client.set_credentials(shared_dev_api.email, password or shared_dev_api.password)
-        made.append(client)
+        closing.append(client)
         return client
 
-    yield make
-    for client in made:
-        await client.close()
+    return make
 
 
 @pytest.fixture
-async def make_store(
-    make_client: Callable[..., ResourceApiClient], tmp_path: Path
-) -> AsyncIterator[StoreFactory]:
+def make_store(
+    make_client: Callable[..., ResourceApiClient],
+    closing: list[ResourceApiClient | ResourceStore],
+    tmp_path: Path,
+) -> StoreFactory:
     """Stores that act as separate devices: each has its own cache dir and API client (or
     the ``client`` given, and the ``cache_dir`` given: the same device, restarted)."""
-    made: list[ResourceStore] = []
 
     def make(
         password: str | None = None,
@@ -63,14 +72,12 @@ async def make_store(
         cache_dir: Path | None = None,
     ) -> ResourceStore:
         store = ResourceStore(
-            client or make_client(password), cache_dir or tmp_path / f"cache-{len(made)}"
+            client or make_client(password), cache_dir or tmp_path / f"cache-{len(closing)}"
         )
-        made.append(store)
+        closing.append(store)
         return store
 
-    yield make
-    for store in made:
-        await store.close()
+    return make
 
 
 @pytest.fixture
