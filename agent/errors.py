@@ -55,7 +55,7 @@ class LoaderError(Exception):
     token, key fragment or data key into it.
     """
 
-    # The HTTP status an upstream answered with, when the error is that answer (api_client).
+    # The HTTP status an upstream answered with, when the error is that answer (agent.transport).
     upstream_status: int | None = None
 
     def __init__(self, message: str) -> None:

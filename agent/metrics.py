@@ -9,9 +9,9 @@ apps, or test agents, in one process never mix their numbers. Two kinds of sourc
 - What the services count themselves is read from them at scrape time (``ServicesCollector``):
   the unlock's state, stage durations and retries (``UnlockManager.stats``), the bytes decrypted
   (``ResourceStore.stats``, ``UnlockManager.stats``), cache hits and misses and the retries of
-  the API client and the cache. The services keep plain counters (an addition per block on the
-  hot path, no lock, no prometheus_client in the core modules), and ``agent.service`` builds
-  them without knowing about metrics.
+  the API client and of the big-part downloads (``ResourceStore.downloads.stats``). The services
+  keep plain counters (an addition per block on the hot path, no lock, no prometheus_client in
+  the core modules), and ``agent.service`` builds them without knowing about metrics.
 
 Every label value is from a fixed set (route templates, outcome codes, retry causes, unlock
 states), never from what a caller or an upstream sent: the number of series stays bounded.
@@ -146,14 +146,14 @@ class ServicesCollector(Collector):
         decrypted.add_metric(["images"], unlock.stats.decrypted_bytes)
         yield decrypted
 
-        cache = resources.cache.stats
+        downloads = resources.downloads.stats
         lookups = CounterMetricFamily(
             f"{PREFIX}_cache_lookups",
             "Big-part cache checks: hit (intact on disk) or miss (downloaded from the CDN)",
             labels=["result"],
         )
-        lookups.add_metric(["hit"], cache.hits)
-        lookups.add_metric(["miss"], cache.misses)
+        lookups.add_metric(["hit"], downloads.hits)
+        lookups.add_metric(["miss"], downloads.misses)
         yield lookups
 
         retries = CounterMetricFamily(
@@ -163,7 +163,7 @@ class ServicesCollector(Collector):
             labels=["operation", "cause"],
         )
         tally: Tally[tuple[str, str]] = Tally()
-        for counts in (api.retries, cache.retries, unlock.stats.retries):
+        for counts in (api.retries, downloads.retries, unlock.stats.retries):
             for key, count in counts.items():
                 tally[key] += count
         for (operation, cause), count in sorted(tally.items()):

@@ -10,24 +10,27 @@ last and is the commit.
 
 Load: the small part comes from the API on every load (it is never cached: on disk next to the
 big part it would undo the split); the big part comes from the cache if intact, else from the
-CDN (resumed, shared between concurrent loads). Plaintext exists only in memory, a block of
-``BLOCK_SIZE`` at a time per load (plus what the socket holds). Upload crypto runs in a worker
-thread; load crypto runs on the loop in short turns (see ``Resource``).
+CDN (``agent.download``: resumed, shared between concurrent loads). A small part's claim is
+checked before anything is downloaded (``plaintext_size``: a size a resource can have, within
+``LOADER_MAX_RESOURCE_BYTES``). Plaintext exists only in memory, a block of ``BLOCK_SIZE`` at a
+time per load (plus what the socket holds). Upload crypto runs in a worker thread; load crypto
+runs on the loop in short turns (see ``Resource``).
 
 ``ResourceStore.stats`` counts the plaintext bytes handed out, one addition per block, for
-``/metrics`` (the cache keeps its own ``stats``).
+``/metrics`` (the downloads keep their own ``stats``: cache hits, misses, retries).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import io
 import itertools
 import os
 import re
 import struct
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -35,15 +38,10 @@ from types import TracebackType
 from loguru import logger
 
 from agent import keys, stream
-from agent.api_client import CDN, ResourceApiClient, TransferGuard
+from agent.api_client import ResourceApiClient
 from agent.cache import BigPartCache, Spool, check_component
-from agent.errors import (
-    BodyInterrupted,
-    LoaderError,
-    StreamError,
-    TruncatedError,
-    UpstreamError,
-)
+from agent.download import BigPartDownloads
+from agent.errors import LoaderError, StreamError, TruncatedError, UpstreamError
 from agent.schemas import UploadResult
 
 READ_SIZE = 1024 * 1024  # ciphertext per read: a record split between reads costs a copy
@@ -134,16 +132,20 @@ class ResourceStore:
         ``LOADER_MAX_RESOURCE_BYTES``); more is a 502 before anything is downloaded."""
         self._api = api
         self._max_big_size = max_resource_bytes
-        # Opening a download is retried by the client; resuming one that broke off, here.
-        self._cache = BigPartCache(cache_dir, policy=api.policy, resumable=(BodyInterrupted,))
+        self._cache = BigPartCache(cache_dir)
+        self._downloads = BigPartDownloads(api, self._cache)
         self.stats = ResourceStats()
 
     @property
     def cache(self) -> BigPartCache:
         return self._cache
 
+    @property
+    def downloads(self) -> BigPartDownloads:
+        return self._downloads
+
     async def close(self) -> None:
-        await self._cache.close()
+        await self._downloads.close()
 
     # -- upload --------------------------------------------------------------------------------
 
@@ -212,18 +214,13 @@ class ResourceStore:
                 f"read ({exc})"
             ) from exc
         self._check_claimed_size(small, folder, name)
-        # One guard for the whole download, across resumptions: a CDN that drips bytes or
-        # never ends is cut off (504) rather than holding the caller forever.
-        guard = TransferGuard(self._api.limits, CDN, f"big part of {folder}/{name}")
-
-        async def download(offset: int) -> AsyncIterator[bytes]:
-            chunks = self._api.iter_big_part(folder, small.big_name, offset=offset)
-            async for chunk in guard.watch(chunks):
-                yield chunk
-
         for last_try in (False, True):
-            path = await self._cache.fetch(
-                folder, small.big_name, small.big_size, small.big_sha256, download
+            path = await self._downloads.fetch(
+                folder,
+                small.big_name,
+                small.big_size,
+                small.big_sha256,
+                what=f"big part of {folder}/{name}",
             )
             try:
                 # Held open from here: a concurrent drop of the file cannot pull it away.
@@ -250,18 +247,13 @@ class ResourceStore:
                 f"of {self._max_big_size} (LOADER_MAX_RESOURCE_BYTES)"
             )
         try:
-            header = stream.parse_header(small.head)
+            stream.parse_header(small.head)
         except StreamError as exc:
             raise UpstreamError(f"{what} holds no valid stream header ({exc})") from exc
         for fragment_length in range(keys.MIN_FRAGMENT_SIZE, keys.MAX_FRAGMENT_SIZE + 1):
-            if small.big_size < 1 + fragment_length:  # it starts with its fragment
-                break
-            ciphertext_size = len(small.head) + small.big_size - (1 + fragment_length)
-            try:
-                stream.plaintext_size(ciphertext_size, chunk_size=header.chunk_size)
+            with contextlib.suppress(TruncatedError):
+                plaintext_size(small, fragment_length)
                 return
-            except TruncatedError:
-                continue
         raise UpstreamError(f"{what} records a big part of an impossible size ({small.big_size})")
 
 
@@ -295,13 +287,12 @@ class Resource:
         self._stats = stats
         big_fragment = _read_big_prefix(file)
         try:
-            header = stream.parse_header(small.head)
-            ciphertext_size = len(small.head) + small.big_size - (1 + len(big_fragment))
-            self.size = stream.plaintext_size(ciphertext_size, chunk_size=header.chunk_size)
+            self.size = plaintext_size(small, len(big_fragment))
+            chunk_size = stream.parse_header(small.head).chunk_size
         except StreamError as exc:
             raise UpstreamError(f"the small part holds no valid stream header ({exc})") from exc
         self._decryptor = stream.Decryptor([small.fragment, big_fragment])
-        self._chunks_per_block = max(1, BLOCK_SIZE // header.chunk_size)
+        self._chunks_per_block = max(1, BLOCK_SIZE // chunk_size)
         self._buffer = bytearray(READ_SIZE)  # reused: fresh big buffers cost page faults
         self._offset = file.tell()  # where the ciphertext goes on; reads are positional
         # Decrypts lazily: each chunk as it is asked for. The buffer is read into again only
@@ -313,6 +304,11 @@ class Resource:
         self._exhausted = False  # the final chunk has been read and authenticated
         self._closed = False
         self._decrypted = 0
+
+    @property
+    def closed(self) -> bool:
+        """Whether the big part's file has been released (``aclose``, or read to the end)."""
+        return self._file.closed
 
     def __aiter__(self) -> Resource:
         return self
@@ -444,6 +440,18 @@ def _refused(exc: BaseException) -> bool:
     attempt did): removing the big part then could break a stored resource, so it stays."""
     status = exc.upstream_status if isinstance(exc, LoaderError) else None
     return status is not None and 300 <= status < 500
+
+
+def plaintext_size(small: SmallPart, fragment_length: int) -> int:
+    """The plaintext length of the resource that ``small`` records, if its big part starts
+    with a key fragment of ``fragment_length`` bytes (length-prefixed, ``_big_prefix``).
+    ``StreamError`` if the small part holds no stream header; ``TruncatedError`` if no
+    complete stream has that length."""
+    header = stream.parse_header(small.head)
+    if small.big_size < 1 + fragment_length:
+        raise TruncatedError("the big part is shorter than its key fragment")
+    ciphertext_size = len(small.head) + small.big_size - (1 + fragment_length)
+    return stream.plaintext_size(ciphertext_size, chunk_size=header.chunk_size)
 
 
 def _big_prefix(fragment: bytes) -> bytes:

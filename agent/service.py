@@ -19,7 +19,7 @@ from aiohttp import web
 from loguru import logger
 
 from agent import __version__
-from agent.api_client import ResourceApiClient, TransferLimits
+from agent.api_client import ResourceApiClient
 from agent.connections import BoundedSite, Throttle, ensure_descriptor_limit
 from agent.errors import LoaderError, NotFoundError
 from agent.listeners import Listener, open_listeners
@@ -30,6 +30,7 @@ from agent.resources import ResourceStore
 from agent.routes import Services
 from agent.server import create_app
 from agent.settings import Settings
+from agent.transport import TransferLimits
 from agent.unlock import UnlockManager
 
 # Debug-only hook for the watchdog system test: SIGUSR2 blocks the event loop.

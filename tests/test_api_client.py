@@ -13,14 +13,7 @@ import pytest
 from loguru import logger
 from yarl import URL
 
-from agent.api_client import (
-    CDN,
-    RESOURCE_API,
-    ResourceApiClient,
-    _Call,
-    parse_retry_after,
-    translate_error,
-)
+from agent.api_client import ResourceApiClient
 from agent.errors import (
     BadCredentials,
     BodyInterrupted,
@@ -35,6 +28,7 @@ from agent.errors import (
     UpstreamUnavailable,
 )
 from agent.retry import RetryPolicy
+from agent.transport import CDN, RESOURCE_API, Call, Token, parse_retry_after, translate_error
 from tests.fixtures.devapi import DevApi
 
 ATTEMPTS = 5
@@ -373,19 +367,45 @@ async def test_range_past_the_end_is_range_not_satisfiable(
 # -- secrets and error translation ---------------------------------------------------------------
 
 
+def sent_tokens(tokens: list[str]) -> aiohttp.TraceConfig:
+    """A trace that records the bearer token of every request a session sends."""
+
+    async def record(
+        session: aiohttp.ClientSession,
+        context: object,
+        params: aiohttp.TraceRequestHeadersSentParams,
+    ) -> None:
+        scheme, _, token = params.headers.get("Authorization", "").partition(" ")
+        if scheme == "Bearer":
+            tokens.append(token)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_headers_sent.append(record)
+    return trace
+
+
 async def test_token_and_password_never_reach_logs_or_errors(
-    client: ResourceApiClient, shared_dev_api: DevApi, log_lines: list[str]
+    shared_dev_api: DevApi, sleeps: Sleeps, log_lines: list[str]
 ) -> None:
-    await client.login()
-    token = client._token.value if client._token else ""
-    assert token and token not in repr(client._token)
-    shared_dev_api.faults(status=503, count=None, path="/binary-split/")
-    with pytest.raises(UpstreamUnavailable) as caught:
-        await client.get_key_fragment()
+    tokens: list[str] = []
+    async with (
+        aiohttp.ClientSession(trace_configs=[sent_tokens(tokens)]) as session,
+        ResourceApiClient(shared_dev_api.url, policy=FAST, session=session, sleep=sleeps) as api,
+    ):
+        api.set_credentials(shared_dev_api.email, shared_dev_api.password)
+        shared_dev_api.faults(status=503, count=None, path="/binary-split/")
+        with pytest.raises(UpstreamUnavailable) as caught:
+            await api.get_key_fragment()
+    assert tokens, "the requests should have carried the token"
     assert log_lines, "the retries should have been logged"
     text = "\n".join(log_lines) + str(caught.value) + repr(caught.value)
-    assert token not in text
+    assert tokens[0] not in text
     assert shared_dev_api.password not in text
+
+
+def test_a_token_is_never_in_its_repr() -> None:
+    token = Token("a-bearer-token", expires_at=100.0)
+    assert "a-bearer-token" not in repr(token) and "a-bearer-token" not in str(token)
 
 
 def test_bad_base_url_is_a_config_error() -> None:
@@ -421,7 +441,7 @@ class _FakeConnectionKey:
 def test_foreign_errors_are_translated_and_name_the_upstream(
     exc: BaseException, expected: type[LoaderError]
 ) -> None:
-    call = _Call(CDN, "big part f/n", "GET", URL("http://cdn.example.test/f/n"))
+    call = Call(CDN, "big part f/n", "GET", URL("http://cdn.example.test/f/n"))
     translated = translate_error(exc, call)
     assert type(translated) is expected
     if expected is not ConfigError:

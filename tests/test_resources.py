@@ -34,21 +34,50 @@ StoreFactory = Callable[..., ResourceStore]
 
 
 @pytest.fixture
-async def make_store(shared_dev_api: DevApi, tmp_path: Path) -> AsyncIterator[StoreFactory]:
-    """Stores that act as separate devices: each has its own cache dir and API client."""
-    made: list[tuple[ResourceApiClient, ResourceStore]] = []
+async def closing() -> AsyncIterator[list[ResourceApiClient | ResourceStore]]:
+    """What a test made, closed after it (last made first: a store before its client)."""
+    made: list[ResourceApiClient | ResourceStore] = []
+    yield made
+    for thing in reversed(made):
+        await thing.close()
 
-    def make(password: str | None = None, api: DevApi = shared_dev_api) -> ResourceStore:
-        client = ResourceApiClient(api.url, policy=FAST)
-        client.set_credentials(api.email, password or api.password)
-        store = ResourceStore(client, tmp_path / f"cache-{len(made)}")
-        made.append((client, store))
+
+@pytest.fixture
+def make_client(
+    shared_dev_api: DevApi, closing: list[ResourceApiClient | ResourceStore]
+) -> Callable[..., ResourceApiClient]:
+    """API clients logged in as the dev-api's user (or with another ``password``)."""
+
+    def make(password: str | None = None) -> ResourceApiClient:
+        client = ResourceApiClient(shared_dev_api.url, policy=FAST)
+        client.set_credentials(shared_dev_api.email, password or shared_dev_api.password)
+        closing.append(client)
+        return client
+
+    return make
+
+
+@pytest.fixture
+def make_store(
+    make_client: Callable[..., ResourceApiClient],
+    closing: list[ResourceApiClient | ResourceStore],
+    tmp_path: Path,
+) -> StoreFactory:
+    """Stores that act as separate devices: each has its own cache dir and API client (or
+    the ``client`` given, and the ``cache_dir`` given: the same device, restarted)."""
+
+    def make(
+        password: str | None = None,
+        client: ResourceApiClient | None = None,
+        cache_dir: Path | None = None,
+    ) -> ResourceStore:
+        store = ResourceStore(
+            client or make_client(password), cache_dir or tmp_path / f"cache-{len(closing)}"
+        )
+        closing.append(store)
         return store
 
-    yield make
-    for client, store in made:
-        await store.close()
-        await client.close()
+    return make
 
 
 @pytest.fixture
@@ -236,12 +265,13 @@ async def test_404_is_not_retried(
 
 
 async def test_unreadable_small_part_is_an_upstream_error(
-    store: ResourceStore, resource_folder: str
+    make_client: Callable[..., ResourceApiClient], make_store: StoreFactory, resource_folder: str
 ) -> None:
+    client = make_client()
     # The store's own client stores the junk, as a broken API would.
-    await store._api.put_small_part(resource_folder, "junk", b"not an envelope")
+    await client.put_small_part(resource_folder, "junk", b"not an envelope")
     with pytest.raises(UpstreamError, match="Resource API sent a small part"):
-        await store.open(resource_folder, "junk")
+        await make_store(client=client).open(resource_folder, "junk")
 
 
 @pytest.mark.parametrize("fault", ["truncate", "drop_mid_body"])
@@ -251,11 +281,13 @@ async def test_cut_cdn_body_is_detected_and_resumed(
     data = pattern(5 * CS + 123)
     result = await make_store().upload(resource_folder, "model", pieces(data))
     shared_dev_api.faults(**{fault: True}, path="/cdn/")
-    assert await load(make_store(), resource_folder, "model") == data
+    other_device = make_store()
+    assert await load(other_device, resource_folder, "model") == data
     ranges = [e["range"] for e in shared_dev_api.log("/cdn/") if e["method"] == "GET"]
     assert ranges[0] is None and len(ranges) == 2
     if fault == "truncate":  # a short body that looks complete: resumed where it ended
         assert ranges[1] == f"bytes={result.big_size // 2}-"
+        assert other_device.downloads.stats.retries.items() == []  # progress: no retry
     # A dropped connection resumes after whatever had arrived, which depends on timing.
 
 
@@ -280,9 +312,13 @@ async def test_cdn_that_keeps_failing_is_tried_only_as_the_policy_allows(
 ) -> None:
     await make_store().upload(resource_folder, "model", pieces(b"data"))
     shared_dev_api.faults(status=503, path="/cdn/", method="GET", count=None)
+    other_device = make_store()
     with pytest.raises(UpstreamUnavailable, match="CDN"):
-        await make_store().open(resource_folder, "model")
+        await other_device.open(resource_folder, "model")
     assert shared_dev_api.count("GET", "/cdn/") == FAST.max_attempts
+    # One retry loop: each retry of the download once, as a CDN retry (not a resumption).
+    retries = other_device.downloads.stats.retries.items()
+    assert retries == [(("cdn", "unavailable"), FAST.max_attempts - 1)]
 
 
 async def test_garbage_from_the_cdn_is_dropped_and_fetched_again(
@@ -350,7 +386,7 @@ async def test_cache_corrupted_while_the_agent_was_off_is_replaced(
     first = make_store()
     result = await first.upload(resource_folder, "model", pieces(data))
     flip_byte(first.cache.root / resource_folder / result.big_sha256, 500)
-    restarted = ResourceStore(first._api, first.cache.root)  # knows nothing of earlier checks
+    restarted = make_store(cache_dir=first.cache.root)  # knows nothing of earlier checks
     assert await load(restarted, resource_folder, "model") == data
     assert shared_dev_api.count("GET", "/cdn/") == 1
 
@@ -398,8 +434,9 @@ async def test_closing_a_resource_early_releases_its_file(
     await store.upload(resource_folder, "model", pieces(pattern(3 * READ_SIZE)))
     resource = await store.open(resource_folder, "model")
     assert await anext(resource)
+    assert not resource.closed
     await resource.aclose()
-    assert resource._file.closed
+    assert resource.closed
 
 
 async def test_unwritable_cache_is_a_clear_error(
@@ -455,7 +492,14 @@ def sample_small_part() -> SmallPart:
 def test_small_part_envelope_round_trips() -> None:
     small = sample_small_part()
     assert SmallPart.unpack(small.pack()) == small
-    assert "\x01" * 4 not in repr(small)  # the fragment is a secret
+
+
+def test_small_part_shows_no_key_fragment() -> None:
+    small = sample_small_part()
+    for shown in (repr(small), str(small), f"{small}", f"{small!r}"):
+        # The fragment is a secret, in any form a repr or a log line may give it.
+        for form in (repr(small.fragment), small.fragment.hex(), str(list(small.fragment))):
+            assert form not in shown
 
 
 @pytest.mark.parametrize(
