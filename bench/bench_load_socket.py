@@ -56,8 +56,8 @@ from typing import Any
 
 from agent import stream
 from agent.api_client import ResourceApiClient
-from agent.localclient import AgentClient
-from azaion_loader_dev.harness.agent import AgentProcess, UnixHTTPConnection, agent_env
+from agent.localclient import AgentClient, UnixConnection
+from azaion_loader_dev.harness.agent import AgentProcess, agent_env
 from azaion_loader_dev.harness.devapi import DevApi, new_dev_api
 from azaion_loader_dev.harness.measure import (
     MIB,
@@ -85,7 +85,7 @@ Timing = dict[str, float]  # "seconds" (wall) and "cpu"
 
 def socket_load(socket_path: Path, name: str, digest: Any = None) -> int:
     """``POST /load/<name>``, the body read 1 MiB at a time into one buffer; the byte count."""
-    conn = UnixHTTPConnection(socket_path, timeout=LOAD_TIMEOUT)
+    conn = UnixConnection(socket_path, timeout=LOAD_TIMEOUT)
     try:
         body = json.dumps({"folder": FOLDER}).encode()
         conn.request("POST", f"/load/{name}", body, {"Content-Type": "application/json"})
@@ -106,7 +106,7 @@ def socket_load(socket_path: Path, name: str, digest: Any = None) -> int:
 def health_once(socket_path: Path) -> float:
     """Seconds for one ``GET /health`` on a new connection, as a local app would make it."""
     start = time.perf_counter()
-    conn = UnixHTTPConnection(socket_path, timeout=10.0)
+    conn = UnixConnection(socket_path, timeout=10.0)
     try:
         conn.request("GET", "/health")
         response = conn.getresponse()
