@@ -20,11 +20,11 @@ import json
 import random
 import re
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from yarl import URL
@@ -39,7 +39,7 @@ from agent.errors import (
     UpstreamUnavailable,
 )
 from agent.logs import register_secret
-from agent.retry import RetryCounts, RetryPolicy, Sleep
+from agent.retry import OnRetry, RetryCounts, RetryPolicy, Sleep
 from agent.settings import is_loopback
 from agent.transport import (
     CDN,
@@ -56,6 +56,8 @@ from agent.transport import (
     read_limited,
     read_nothing,
 )
+
+T = TypeVar("T")
 
 MAX_SMALL_PART_BYTES = 4 * 1024 * 1024  # the API stores at most 1 MiB; anything far above is junk
 TOKEN_EARLY_RENEWAL = 30.0  # seconds before expiry a token is treated as expired (at most)
@@ -152,6 +154,17 @@ class ResourceApiClient:
     def retries(self) -> RetryCounts:
         """Retries by upstream ("resource_api", "cdn") and cause, for ``/metrics``."""
         return self._transport.retries
+
+    def guard(self, what: str) -> TransferGuard:
+        """A guard for one transfer of a big part with the CDN, on the client's clock."""
+        return TransferGuard(self.limits, CDN, what, clock=self._transport.clock)
+
+    async def retrying_cdn(
+        self, attempt: Callable[[], Awaitable[T]], on_retry: OnRetry | None = None
+    ) -> T:
+        """``attempt`` until it succeeds, by the client's policy, sleep, jitter and clock (the
+        big-part download's one loop; ``on_retry`` counts its retries)."""
+        return await self._transport.retrying(attempt, CDN, on_retry=on_retry)
 
     @property
     def has_credentials(self) -> bool:
@@ -369,7 +382,7 @@ class ResourceApiClient:
 
         # The CDN must take the body at the least rate too, over all attempts: a reader that
         # drips holds the upload's caller (the deadline also bounds each request).
-        guard = TransferGuard(self.limits, CDN, f"upload of big part {folder}/{name}")
+        guard = self.guard(f"upload of big part {folder}/{name}")
 
         def make_body() -> AsyncIterable[bytes]:
             if isinstance(body, Path):
@@ -388,6 +401,7 @@ class ResourceApiClient:
             headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
             body=make_body,
             streaming=True,
+            guard=guard,
         )
         once = None if isinstance(body, Path) else replace(self.policy, max_attempts=1)
         stored = await self._transport.exchange(call, _read_stored_part, policy=once)

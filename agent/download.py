@@ -34,8 +34,8 @@ from loguru import logger
 from agent.api_client import ResourceApiClient
 from agent.cache import BigPartCache, Partial
 from agent.errors import BodyInterrupted, RangeNotSatisfiable, UpstreamError
-from agent.retry import TRANSIENT_ERRORS, RetryCounts, Sleep, retry_call
-from agent.transport import CDN, TransferGuard
+from agent.retry import TRANSIENT_ERRORS, RetryCounts
+from agent.transport import TransferGuard
 
 WRITE_BATCH = 1024 * 1024
 
@@ -66,12 +66,9 @@ class _Source:
 class BigPartDownloads:
     """Big parts fetched into ``cache`` through ``api``; see the module docstring."""
 
-    def __init__(
-        self, api: ResourceApiClient, cache: BigPartCache, *, sleep: Sleep = asyncio.sleep
-    ) -> None:
+    def __init__(self, api: ResourceApiClient, cache: BigPartCache) -> None:
         self._api = api
         self._cache = cache
-        self._sleep = sleep
         self._inflight: dict[Path, asyncio.Task[Path]] = {}
         self._waiting: dict[Path, int] = {}  # callers awaiting each download in flight
         self.stats = DownloadStats()
@@ -87,7 +84,7 @@ class BigPartDownloads:
             await asyncio.wait((task,))  # (waiting does not cancel it again)
             task = self._inflight.get(path)
         if task is None:
-            source = _Source(self._api, folder, name, TransferGuard(self._api.limits, CDN, what))
+            source = _Source(self._api, folder, name, self._api.guard(what))
             task = asyncio.create_task(self._ensure(path, size, sha256, source))
             self._inflight[path] = task
             task.add_done_callback(lambda done: self._finished(path, done))
@@ -156,17 +153,12 @@ class BigPartDownloads:
             try:
                 # The one retry loop. Only passes that bring nothing count against the policy:
                 # a long download over a flaky link keeps going as long as it makes progress.
-                await retry_call(
-                    lambda: self._one_pass(partial, size, source),
-                    self._api.policy,
-                    on_retry=self._count_retry,
-                    sleep=self._sleep,
+                await self._api.retrying_cdn(
+                    lambda: self._one_pass(partial, size, source), self._count_retry
                 )
             except RangeNotSatisfiable:
                 partial.drop()
                 return False
-            if source.guard.failure is not None:
-                raise source.guard.failure  # too slow or too long: no retry undoes it
         return have == size
 
     def _count_retry(self, attempt: int, delay: float, exc: BaseException) -> None:
@@ -176,12 +168,12 @@ class BigPartDownloads:
 
     async def _one_pass(self, partial: Partial, size: int, source: _Source) -> None:
         """Append what one CDN answer brings; raise (to be retried) only if it brought nothing.
-        A pass the guard ended returns: ``_download`` raises its verdict."""
+        The guard's verdict (``TransferTooSlow``) is final: it is no transient fault."""
         have = partial.size
         try:
             await self._append(partial, size, source)
         except TRANSIENT_ERRORS:
-            if partial.size == have and source.guard.failure is None:
+            if partial.size == have:
                 raise
             return
         if partial.size == have:

@@ -22,6 +22,7 @@
     |   +-- UpstreamForbidden       403 from upstream
     |   +-- UpstreamNotFound        404 from upstream
     |   +-- RangeNotSatisfiable     416: the CDN cannot resume at that offset
+    |   +-- TransferTooSlow         under LOADER_UPSTREAM_MIN_RATE or past its deadline: final
     +-- StreamError                 the encrypted stream format (agent.stream)
     |   +-- WrongKeyError           key fragment(s) do not open this stream
     |   +-- TamperedError           a chunk or the header failed authentication
@@ -156,6 +157,11 @@ class RangeNotSatisfiable(UpstreamError):
     """416: the CDN's part is not longer than the offset asked for."""
 
 
+class TransferTooSlow(UpstreamError):
+    """A big part's transfer went below the minimum rate or past its deadline (504). Not a
+    transient fault: no retry or resumption may undo it, so it is not an ``UpstreamTimeout``."""
+
+
 class StreamError(LoaderError):
     pass
 
@@ -251,6 +257,7 @@ MEANINGS: dict[type[LoaderError], Meaning] = {
     UpstreamForbidden: Meaning(403, "upstream_forbidden", "the Resource API failed"),
     UpstreamNotFound: Meaning(404, "not_found", "the Resource API failed"),
     RangeNotSatisfiable: Meaning(502, "upstream_error", "the Resource API failed"),
+    TransferTooSlow: Meaning(504, "upstream_timeout", "the Resource API failed"),
     StreamError: Meaning(502, "integrity_error", "{subject} is not readable"),
     WrongKeyError: Meaning(502, "wrong_key", "wrong key fragment"),
     TamperedError: Meaning(502, "tampered", "{subject} is tampered or corrupt"),

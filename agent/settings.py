@@ -110,10 +110,6 @@ class Settings(BaseSettings):
             raise ValueError("is longer than a Unix socket path may be (107 bytes)")
         return value
 
-    @property
-    def has_credentials(self) -> bool:
-        return bool(self.azaion_email and self.azaion_password)
-
 
 def is_loopback(host: str) -> bool:
     name = host.strip("[]").lower()

@@ -47,6 +47,7 @@ from agent.errors import (
     LoaderError,
     PayloadTooLarge,
     RangeNotSatisfiable,
+    TransferTooSlow,
     UpstreamError,
     UpstreamForbidden,
     UpstreamNotFound,
@@ -55,7 +56,7 @@ from agent.errors import (
     UpstreamUnavailable,
 )
 from agent.logs import quote
-from agent.retry import RetryCounts, RetryPolicy, Sleep, retry_call
+from agent.retry import OnRetry, RetryCounts, RetryPolicy, Sleep, retry_call
 
 T = TypeVar("T")
 
@@ -80,8 +81,14 @@ class TransferLimits:
 
 
 class TransferGuard:
-    """Ends a transfer that is too slow or takes too long with ``UpstreamTimeout`` (504). Once
-    it has ended one, ``failure`` holds that error: no retry or resumption can undo it."""
+    """Ends a transfer that is too slow or takes too long with ``TransferTooSlow`` (504), a
+    final error: no retry or resumption undoes it.
+
+    The transfer is all its passes (attempts and resumptions) together: one deadline from the
+    start, and one rate window that runs only while a pass runs. The pauses between passes (a
+    backoff, a ``Retry-After``) are not slowness; a CDN that sends a little and breaks off,
+    again and again, is (its passes add up to full windows).
+    """
 
     def __init__(
         self,
@@ -98,7 +105,7 @@ class TransferGuard:
         self._deadline_at = now + limits.deadline
         self._window_start = now
         self._window_bytes = 0
-        self.failure: UpstreamTimeout | None = None
+        self._paused_since: float | None = now  # no pass runs yet
 
     def count(self, received: int) -> None:
         """Account for ``received`` bytes (0 when a wait ran out); raise if the transfer is
@@ -109,47 +116,56 @@ class TransferGuard:
         self._window_bytes += received
         if limits.min_rate and now - self._window_start >= limits.window:
             if self._window_bytes < limits.min_rate * limits.window:
-                raise self._fail(
+                raise TransferTooSlow(
                     f"{self._where} sent the {self._what} slower than {limits.min_rate} bytes/s "
                     f"over {limits.window:.0f} s (LOADER_UPSTREAM_MIN_RATE)"
                 )
             self._window_start, self._window_bytes = now, 0
 
     def _check_deadline(self, now: float) -> None:
-        if now >= self._deadline_at:
-            raise self._fail(
-                f"{self._where} did not deliver the {self._what} within "
-                f"{self._limits.deadline:.0f} s (LOADER_UPSTREAM_DEADLINE)"
-            )
+        verdict = self.past_deadline(now)
+        if verdict is not None:
+            raise verdict
+
+    def past_deadline(self, now: float | None = None) -> TransferTooSlow | None:
+        """The verdict once the transfer is past its deadline, else None."""
+        if (self._clock() if now is None else now) < self._deadline_at:
+            return None
+        return TransferTooSlow(
+            f"{self._where} did not deliver the {self._what} within "
+            f"{self._limits.deadline:.0f} s (LOADER_UPSTREAM_DEADLINE)"
+        )
+
+    def _resume(self) -> None:
+        """A pass starts: the window goes on from where the last pass left it."""
+        now = self._clock()
+        self._check_deadline(now)  # past the deadline, a pass does not start
+        if self._paused_since is not None:
+            self._window_start += now - self._paused_since
+            self._paused_since = None
 
     async def watch(self, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-        """``chunks``, each counted as it arrives. The rate window of each pass (attempt or
-        resumption) starts at its first byte, so waiting to connect or a pause a server asked
-        for (Retry-After) is not counted as slowness; the deadline counts everything. A read
-        that brings nothing for a whole window (the client's read timeout, at most one window)
-        is below any minimum: ``UpstreamTimeout``, not a break to resume."""
-        # Past the deadline, a pass does not start; the time since the last pass (a pause
-        # before a retry) is not a rate window.
-        self._check_deadline(self._clock())
-        first = True
+        """``chunks`` (one pass), each counted as it arrives. A read that brings nothing for a
+        whole window (the client's read timeout, at most one window) is below any minimum:
+        ``TransferTooSlow``, not a break to resume."""
+        self._resume()
         try:
             async for chunk in chunks:
-                if first:
-                    self._window_start, self._window_bytes, first = self._clock(), 0, False
                 self.count(len(chunk))
                 yield chunk
         except BodyInterrupted as exc:
             if self._limits.min_rate and isinstance(exc.__cause__, TimeoutError):
                 self.count(0)  # the deadline, if that is what ran out
-                raise self._fail(
+                raise TransferTooSlow(
                     f"{self._where} sent nothing of the {self._what} for "
                     f"{self._limits.window:.0f} s (LOADER_UPSTREAM_MIN_RATE)"
                 ) from exc
             raise
-
-    def _fail(self, message: str) -> UpstreamTimeout:
-        self.failure = UpstreamTimeout(message)
-        return self.failure
+        finally:
+            self._paused_since = self._clock()
+            close = getattr(chunks, "aclose", None)
+            if close is not None:  # closed early: the response under it goes at once
+                await close()
 
 
 @dataclass
@@ -173,6 +189,9 @@ class Call:
     body: Callable[[], Any] | None = None
     streaming: bool = False
     login: bool = False
+    # The transfer's guard, when it spans the request (an upload): a timeout past its deadline
+    # is its verdict, final, rather than a timeout to retry.
+    guard: TransferGuard | None = None
 
 
 Reader = Callable[[Call, aiohttp.ClientResponse], Awaitable[T]]
@@ -219,7 +238,7 @@ class Transport:
         )
         self._sleep = sleep
         self._rng = rng
-        self._clock = clock
+        self.clock = clock
         self.retries = RetryCounts()  # by upstream ("resource_api", "cdn") and cause
 
     async def close(self) -> None:
@@ -249,9 +268,12 @@ class Transport:
         attempt: Callable[[], Awaitable[T]],
         upstream: str,
         policy: RetryPolicy | None = None,
+        *,
+        on_retry: OnRetry | None = None,
     ) -> T:
-        """``attempt`` until it succeeds, by ``policy`` (else the client's); each retry counted
-        under ``upstream`` and logged."""
+        """``attempt`` until it succeeds, by ``policy`` (else the client's), with the client's
+        sleep, jitter and clock; each retry counted under ``upstream`` and logged, unless the
+        caller counts them itself (``on_retry``)."""
 
         def log_retry(number: int, delay: float, exc: BaseException) -> None:
             self.retries.record(RETRY_OPERATIONS.get(upstream, "other"), exc)
@@ -262,10 +284,10 @@ class Transport:
         return await retry_call(
             attempt,
             policy or self.policy,
-            on_retry=log_retry,
+            on_retry=on_retry or log_retry,
             rng=self._rng,
             sleep=self._sleep,
-            clock=self._clock,
+            clock=self.clock,
         )
 
     def _timeout_for(self, call: Call) -> aiohttp.ClientTimeout:
@@ -294,7 +316,7 @@ class Transport:
                 )
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 raise translate_error(exc, call) from exc
-            keep_open = False
+            leave_open = False
             try:
                 if response.status == 401 and token is not None and not relogged:
                     relogged = True
@@ -302,12 +324,12 @@ class Transport:
                     continue
                 await _raise_for_status(call, response, relogged=relogged)
                 result = await read(call, response)
-                keep_open = result is response
+                leave_open = result is response
                 return result
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 raise translate_error(exc, call) from exc
             finally:
-                if not keep_open:
+                if not leave_open:
                     response.release()
 
 
@@ -487,6 +509,10 @@ def translate_error(exc: BaseException, call: Call) -> LoaderError:
         return exc
     if isinstance(exc.__cause__, LoaderError):
         return exc.__cause__  # ours, raised inside aiohttp (a request body's TransferGuard)
+    if isinstance(exc, asyncio.TimeoutError) and call.guard is not None:
+        verdict = call.guard.past_deadline()
+        if verdict is not None:
+            return verdict
     where = f"the {call.upstream}"
     if isinstance(exc, aiohttp.InvalidURL):
         return ConfigError(f"the URL of {where} is not valid")

@@ -400,8 +400,6 @@ def test_azaion_loader_dev_api_delegates_to_the_development_package(tmp_path: Pa
     for flag in ("--host", "--port", "--data-dir", "--user", "--key-fragment", "--token-ttl"):
         assert flag in usage
 
-        api.stop()
-
 
 def test_the_console_script_is_installed() -> None:
     script = shutil.which("azaion-loader-dev", path=Path(sys.executable).parent)

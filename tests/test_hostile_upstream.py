@@ -379,6 +379,67 @@ def test_a_dripping_cdn_ends_in_a_504_and_leaves_no_partial_file(
     assert cache_files(agent) == []
 
 
+def test_a_cdn_that_sends_a_little_and_breaks_off_again_and_again_ends_in_a_504(
+    agent: AgentProcess, hostile: HostileUpstream
+) -> None:
+    """Each answer brings a few bytes (honestly resumed with a range), then the connection
+    breaks: every pass makes progress, so no retry budget runs out. The passes together are
+    below the minimum rate, and that ends it long before the deadline (20 s here)."""
+    assert upload(agent, "cut.bin").status == 200
+    clear_cache(agent)
+    big = next(iter(hostile.big.values()))
+    passes: list[int] = []
+
+    async def trickle_then_cut(request: web.Request) -> web.StreamResponse:
+        offset = int(request.headers.get("Range", "bytes=0-")[len("bytes=") :].rstrip("-"))
+        passes.append(offset)
+        response = web.StreamResponse(
+            status=206 if offset else 200,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        if offset:
+            response.headers["Content-Range"] = f"bytes {offset}-{len(big) - 1}/{len(big)}"
+        response.content_length = len(big) - offset
+        await response.prepare(request)
+        await response.write(big[offset : offset + 100])
+        await asyncio.sleep(0.3)  # the pace of this CDN: 100 bytes a pass, 0.3 s a pass
+        assert request.transport is not None
+        request.transport.close()  # cut mid-body
+        return response
+
+    hostile.behave("cdn_get", trickle_then_cut)
+    started = time.monotonic()
+    message = assert_error(load(agent, "cut.bin"), 504, "CDN", "LOADER_UPSTREAM_MIN_RATE")
+    assert time.monotonic() - started < 10, message
+    assert len(passes) >= 2 and passes == sorted(passes)  # resumed, each from where it was
+    assert cache_files(agent) == []
+
+
+def test_a_cdn_too_slow_to_take_an_upload_is_not_asked_again(
+    make_agent: MakeAgent, hostile: HostileUpstream
+) -> None:
+    """A CDN that takes the upload's body too slowly to finish within the deadline: the upload
+    ends in a 504 after that one request (too slow is final), not after the retry policy's
+    every attempt. (Socket buffers take megabytes at once, so with a body this size it is the
+    deadline, not a rate window, that sees it.)"""
+    agent = logged_in(make_agent, hostile, LOADER_UPSTREAM_DEADLINE="4")
+    requests: list[int] = []
+
+    async def slow_reader(request: web.Request) -> web.StreamResponse:
+        requests.append(1)
+        while await request.content.read(64 * 1024):
+            await asyncio.sleep(0.25)  # the pace of this CDN
+        return web.json_response({"size": 0})
+
+    hostile.behave("cdn_put", slow_reader, reads_body=True)
+    reply = upload(agent, "slowput.bin", os.urandom(32 * 1024 * 1024))
+    assert_error(reply, 504, "CDN", "LOADER_UPSTREAM_DEADLINE")
+    assert len(requests) == 1
+    metrics = agent.request("GET", "/metrics").body.decode()
+    retried = [line for line in metrics.splitlines() if line.startswith("azaion_loader_retries")]
+    assert not [line for line in retried if 'operation="cdn"' in line], retried
+
+
 def test_a_cdn_that_stalls_after_its_headers_ends_in_a_504(
     agent: AgentProcess, hostile: HostileUpstream
 ) -> None:
