@@ -147,7 +147,13 @@ def bench_size(api: DevApi, root: Path, size_mib: int, runs: int) -> dict[str, A
     make_plaintext(source, size)
     warm_cache = root / "warm-cache"
     upload_seconds, big_name = asyncio.run(upload(api, warm_cache, source, name))
-    common = ["--url", api.url, "--email", api.email, "--password", api.password, "--name", name]
+    # "--flag=value": a generated password may start with "-", which argparse takes for a flag.
+    common = [
+        f"--url={api.url}",
+        f"--email={api.email}",
+        f"--password={api.password}",
+        f"--name={name}",
+    ]
     raw = RawDecrypt(RAW_DECRYPT_MIB * MIB)
     cases = ("raw", "read", "cdn", "warm", "restart", "cold")
     wall: dict[str, list[float]] = {case: [] for case in cases}  # MiB/s per run
