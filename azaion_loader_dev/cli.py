@@ -47,6 +47,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--token-ttl", type=float, default=3600.0, help="token lifetime, seconds")
     p.add_argument("--max-small-bytes", type=int, default=DEFAULT_MAX_SMALL_BYTES)
     p.add_argument("--max-big-bytes", type=int, default=DEFAULT_MAX_BIG_BYTES)
+    p.add_argument(
+        "--rate-limit",
+        type=float,
+        metavar="N",
+        help="at most N Resource API requests a second (not the CDN); beyond, 429 with "
+        "Retry-After (default: no limit)",
+    )
     p.set_defaults(func=cmd_dev_api)
 
 
@@ -65,6 +72,8 @@ def cmd_dev_api(args: argparse.Namespace) -> int:
         raise ConfigError("--port must be between 0 and 65535")
     if args.token_ttl <= 0:
         raise ConfigError("--token-ttl must be positive")
+    if args.rate_limit is not None and not args.rate_limit > 0:
+        raise ConfigError("--rate-limit must be positive")
     fragment_text = None
     if args.key_fragment is not None:
         fragment_text = keys.encode_fragment(keys.read_fragment_file(args.key_fragment))
@@ -79,6 +88,7 @@ def cmd_dev_api(args: argparse.Namespace) -> int:
         token_ttl=args.token_ttl,
         max_small_bytes=args.max_small_bytes,
         max_big_bytes=args.max_big_bytes,
+        rate_limit=args.rate_limit,
     )
     asyncio.run(devapi.serve(config, ready=_announce))
     return 0

@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import os
+import random
 import re
 import secrets
 import time
@@ -36,6 +38,9 @@ SAFE_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._+-]{{0,{NAME_MAX_LENGTH - 1}}}"
 CHUNK = 256 * 1024
 
 STATS_LOG_LENGTH = 1000
+STATS_RATE_SECONDS = 3600  # per-second API counts are kept for the first hour after a clear
+RATE_LIMIT_GRACE = 1.0  # seconds a slot promised to a refused request is kept for it
+RATE_LIMIT_BURST = 0.1  # a second's worth: how far ahead of its rate the limiter admits at once
 BODY_FAULT_KINDS = ("stall", "drop_mid_body", "truncate", "garbage")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -51,6 +56,7 @@ class DevApiConfig:
     token_ttl: float = 3600.0
     max_small_bytes: int = DEFAULT_MAX_SMALL_BYTES
     max_big_bytes: int = DEFAULT_MAX_BIG_BYTES
+    rate_limit: float | None = None  # API requests a second; None: no limit
 
 
 class Refusal(Exception):
@@ -92,6 +98,7 @@ class Fault:
     drop_mid_body: bool = False
     truncate: bool = False
     garbage: bool = False
+    probability: float = 1.0
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> Fault:
@@ -107,6 +114,8 @@ class Fault:
             raise Refusal(400, "bad_fault", "status must be an HTTP status code")
         if fault.count is not None and fault.count < 1:
             raise Refusal(400, "bad_fault", "count must be at least 1, or null for always")
+        if not 0.0 < fault.probability <= 1.0:
+            raise Refusal(400, "bad_fault", "probability must be in (0, 1]")
         return fault
 
     @property
@@ -136,7 +145,7 @@ class FaultBook:
     def take(self, request: web.Request) -> Fault | None:
         """The first armed fault matching ``request``, with one use counted off."""
         for fault in self._faults:
-            if fault.matches(request):
+            if fault.matches(request) and random.random() < fault.probability:
                 if fault.count is not None:
                     fault.count -= 1
                     if fault.count <= 0:
@@ -149,13 +158,94 @@ class FaultBook:
 class Stats:
     requests: Counter[str] = field(default_factory=Counter)
     log: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=STATS_LOG_LENGTH))
+    bytes_sent: Counter[str] = field(default_factory=Counter)  # body bytes, by request
+    # API requests (not /cdn/, /health, /_dev/) by second since the last clear: all that came
+    # (attempted) and those the rate limiter refused.
+    attempted: Counter[int] = field(default_factory=Counter)
+    limited: Counter[int] = field(default_factory=Counter)
+    clock: Callable[[], float] = time.monotonic
+    started: float = field(default_factory=time.monotonic)
+
+    def count_api_request(self) -> None:
+        self._count(self.attempted)
+
+    def count_refusal(self) -> None:
+        """One of the API requests counted was refused by the rate limiter."""
+        self._count(self.limited)
+
+    def _count(self, counter: Counter[int]) -> None:
+        second = math.floor(self.clock() - self.started)
+        if second < STATS_RATE_SECONDS:
+            counter[second] += 1
 
     def as_json(self) -> dict[str, Any]:
-        return {"requests": dict(self.requests), "log": list(self.log)}
+        seconds = range(max([*self.attempted, -1]) + 1)
+        return {
+            "requests": dict(self.requests),
+            "log": list(self.log),
+            "bytes_sent": dict(self.bytes_sent),
+            "api_per_second": {
+                "attempted": [self.attempted[s] for s in seconds],
+                "answered": [self.attempted[s] - self.limited[s] for s in seconds],
+            },
+        }
 
     def clear(self) -> None:
         self.requests.clear()
         self.log.clear()
+        self.bytes_sent.clear()
+        self.attempted.clear()
+        self.limited.clear()
+        self.started = self.clock()
+
+
+class RateLimiter:
+    """At most ``rate`` API requests in any second; beyond, a 429 whose ``Retry-After`` names
+    a slot of the limiter's own schedule.
+
+    Slots are ``1/rate`` s apart. ``_next_slot`` is the first one nobody has (GCRA's
+    theoretical arrival time); a request is admitted at once when it is at most a tenth of a
+    second ahead. A refused request is promised the next free slot and told when it comes, so
+    refused requests get one slot each, one after the other: a fleet turned away at once comes
+    back spread at the limiter's rate, not all together after the same pause (the queue is the
+    limiter's to know, not the clients'). A request that comes when a promised slot is due takes
+    it, whoever it is (requests are not identified); a slot that nobody takes within
+    ``RATE_LIMIT_GRACE`` s is lost. On top, a sliding window: never more than ``rate`` admitted
+    within one second, however late promised slots are taken.
+    """
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if not rate > 0:
+            raise ValueError("the rate limit must be positive")
+        self._interval = 1.0 / rate
+        self._ahead = max(self._interval, RATE_LIMIT_BURST)
+        self._window = max(1, math.floor(rate))
+        self._clock = clock
+        self._next_slot = clock()
+        self._promised: deque[float] = deque()
+        self._admitted: deque[float] = deque()  # admission times within the last second
+
+    def admit(self) -> float | None:
+        """None if a request may go ahead now, else the seconds it is to wait."""
+        now = self._clock()
+        while self._admitted and self._admitted[0] <= now - 1.0:
+            self._admitted.popleft()
+        while self._promised and self._promised[0] < now - RATE_LIMIT_GRACE:
+            self._promised.popleft()
+        window_full = len(self._admitted) >= self._window
+        if not window_full and self._promised and self._promised[0] <= now:
+            self._promised.popleft()
+        elif not window_full and self._next_slot - now <= self._ahead:
+            self._next_slot = max(self._next_slot, now) + self._interval
+        else:
+            # Every refusal gets a slot of its own: a short "try again in a moment" for all
+            # would bring them back together.
+            slot = max(self._next_slot, now + self._interval)
+            self._next_slot = slot + self._interval
+            self._promised.append(slot)
+            return slot - now
+        self._admitted.append(now)
+        return None
 
 
 class TokenBook:
@@ -190,6 +280,7 @@ CONFIG = web.AppKey("config", DevApiConfig)
 FAULTS = web.AppKey("faults", FaultBook)
 STATS = web.AppKey("stats", Stats)
 TOKENS = web.AppKey("tokens", TokenBook)
+LIMITER = web.AppKey("limiter", RateLimiter)
 UPLOADS_IN_PROGRESS = web.AppKey("uploads_in_progress", set[Path])
 FAULT_KEY = web.RequestKey("fault", Fault)
 
@@ -245,23 +336,27 @@ async def send_body(
     response.content_type = content_type
     response.content_length = announced
     await response.prepare(request)
-    await _write(response, body.chunks(0, half), garbage=bool(fault and fault.garbage))
+    sent = request.app[STATS].bytes_sent
+    key = f"{request.method} {request.path}"
+    garbage = bool(fault and fault.garbage)
+    sent[key] += await _write(response, body.chunks(0, half), garbage=garbage)
     if fault and fault.drop_mid_body:
         _drop_connection(request)
         return response
     if fault and fault.stall:
         await asyncio.sleep(fault.stall)
     if not (fault and fault.truncate):
-        await _write(
-            response, body.chunks(half, body.length), garbage=bool(fault and fault.garbage)
-        )
+        sent[key] += await _write(response, body.chunks(half, body.length), garbage=garbage)
     await response.write_eof()
     return response
 
 
-async def _write(response: web.StreamResponse, chunks: Iterator[bytes], *, garbage: bool) -> None:
+async def _write(response: web.StreamResponse, chunks: Iterator[bytes], *, garbage: bool) -> int:
+    sent = 0
     for chunk in chunks:
         await response.write(os.urandom(len(chunk)) if garbage else chunk)
+        sent += len(chunk)
+    return sent
 
 
 def _drop_connection(request: web.Request) -> None:
@@ -281,12 +376,20 @@ def json_body(payload: Mapping[str, Any]) -> Body:
 # Middlewares
 
 
+def is_api_path(path: str) -> bool:
+    """Whether a request is for the Resource API (what the rate limit covers), not the CDN,
+    the health check or ``/_dev/``."""
+    return not path.startswith(("/_dev/", "/cdn/")) and path != "/health"
+
+
 @web.middleware
 async def stats_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path.startswith("/_dev/"):
         return await handler(request)
     stats = request.app[STATS]
     stats.requests[f"{request.method} {request.path}"] += 1
+    if is_api_path(request.path):
+        stats.count_api_request()
     entry: dict[str, Any] = {
         "method": request.method,
         "path": request.path,
@@ -311,6 +414,25 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         return error_response(Refusal(exc.status, "http_error", exc.reason))
+
+
+@web.middleware
+async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    limiter = request.app.get(LIMITER)
+    if limiter is None or not is_api_path(request.path):
+        return await handler(request)
+    wait = limiter.admit()
+    if wait is None:
+        return await handler(request)
+    request.app[STATS].count_refusal()
+    # Seconds with a decimal fraction (the agent takes them; RFC 9110's integer would round
+    # every client to the same second): the slot the limiter keeps for this request.
+    raise Refusal(
+        429,
+        "rate_limited",
+        "too many requests: come back after Retry-After",
+        {"Retry-After": f"{max(wait, 0.001):.3f}"},
+    )
 
 
 @web.middleware
@@ -530,8 +652,12 @@ async def clear_stats(request: web.Request) -> web.Response:
 
 
 def create_app(config: DevApiConfig) -> web.Application:
-    app = web.Application(middlewares=[stats_middleware, error_middleware, fault_middleware])
+    app = web.Application(
+        middlewares=[stats_middleware, error_middleware, rate_limit_middleware, fault_middleware]
+    )
     app[CONFIG] = config
+    if config.rate_limit is not None:
+        app[LIMITER] = RateLimiter(config.rate_limit)
     app[FAULTS] = FaultBook()
     app[STATS] = Stats()
     app[TOKENS] = TokenBook(config.token_ttl)
