@@ -77,10 +77,7 @@ class FleetRun:
     lag: list[float] = field(default_factory=list)  # event-loop lag samples, seconds
 
     def percentile(self, q: float) -> float:
-        if not self.times:
-            return float("nan")
-        ordered = sorted(self.times)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        return percentile(self.times, q)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -148,7 +145,7 @@ async def fleet(api: DevApi, run: FleetRun, starts: list[float], rngs: list[rand
         asyncio.create_task(boot(api, start, t0, rng, run))
         for start, rng in zip(starts, rngs, strict=True)
     ]
-    done, pending = await asyncio.wait(tasks, timeout=RUN_TIMEOUT)
+    _, pending = await asyncio.wait(tasks, timeout=RUN_TIMEOUT)
     for task in pending:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
@@ -257,7 +254,7 @@ def fleet_rows(runs: list[FleetRun], limit: float, spread: float) -> list[str]:
     after_boot = int(spread) + 1
     rows = [
         f"{'run':<12} {'ok':>6} {'p50 s':>7} {'p99 s':>7} {'max s':>7} {'req/dev':>7} "
-        f"{'answered peak':>13} {'attempted peak':>14} {'attempted >{}s'.format(after_boot):>14} "
+        f"{'answered peak':>13} {'attempted peak':>14} {f'attempted >{after_boot}s':>14} "
         f"{'wall s':>7} {'lag p99 ms':>10}"
     ]
     for run in runs:
@@ -362,9 +359,11 @@ def report(args: argparse.Namespace, runs: list[FleetRun], cdn_run: CdnRun) -> i
         print()
         print(
             f"CDN: {cdn_run.completed}/{cdn_run.devices} downloads of {cdn_run.size // 1024} KiB "
-            f"complete, {cdn_run.requests} requests, bytes sent / needed {cdn_run.ratio:.4f}, "
-            f"p50 {percentile(cdn_run.times, 0.5):.2f} s, p99 {percentile(cdn_run.times, 0.99):.2f} s, "
-            f"loop lag p99 {percentile(cdn_run.lag, 0.99) * 1000:.1f} ms, wall {cdn_run.wall:.1f} s"
+            f"complete in {cdn_run.wall:.1f} s, {cdn_run.requests} requests; bytes sent / needed "
+            f"{cdn_run.bytes_sent} / {cdn_run.devices * cdn_run.size} = {cdn_run.ratio:.4f}; "
+            f"time to part p50 {percentile(cdn_run.times, 0.5):.2f} s, "
+            f"p99 {percentile(cdn_run.times, 0.99):.2f} s; "
+            f"loop lag p99 {percentile(cdn_run.lag, 0.99) * 1000:.1f} ms"
         )
         for failure in sorted(set(cdn_run.failures))[:5]:
             print(f"  CDN: {cdn_run.failures.count(failure)} x {failure}")
@@ -374,6 +373,8 @@ def report(args: argparse.Namespace, runs: list[FleetRun], cdn_run: CdnRun) -> i
         goals[f"CDN bytes sent / needed <= {MAX_BYTES_RATIO}"] = cdn_run.ratio <= MAX_BYTES_RATIO
         figures["cdn"] = {
             "completed": cdn_run.completed,
+            "bytes_sent": cdn_run.bytes_sent,
+            "bytes_needed": cdn_run.devices * cdn_run.size,
             "requests": cdn_run.requests,
             "bytes_ratio": cdn_run.ratio,
         }

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import shutil
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -19,6 +21,7 @@ import pytest
 from yarl import URL
 
 from agent import keys
+from azaion_loader_dev.devapi import RateLimiter
 from tests.fixtures.agent import REPO
 from tests.fixtures.devapi import DevApi, new_dev_api
 
@@ -349,6 +352,121 @@ async def test_stats_log_records_ranges_and_statuses(
 async def test_unknown_fault_fields_are_refused(shared_dev_api: DevApi) -> None:
     with pytest.raises(Exception, match="400"):
         shared_dev_api.faults(explode=True)
+
+
+# -- the rate limit (--rate-limit N: N Resource API requests a second) ------------------------
+
+
+async def burst_of_logins(
+    http: aiohttp.ClientSession, api: DevApi, n: int
+) -> tuple[list[tuple[int, float | None]], float]:
+    """``n`` logins at once: (status, Retry-After) of each, and how long the burst took."""
+
+    async def one() -> tuple[int, float | None]:
+        body = {"email": api.email, "password": api.password}
+        async with http.post(f"{api.url}/login", json=body) as response:
+            await response.read()
+            if response.status == 429:
+                assert (await response.json())["error"] == "rate_limited"
+            retry_after = response.headers.get("Retry-After")
+            return response.status, None if retry_after is None else float(retry_after)
+
+    started = time.monotonic()
+    answers = await asyncio.gather(*(one() for _ in range(n)))
+    return answers, time.monotonic() - started
+
+
+async def test_rate_limit_refuses_beyond_the_rate_with_a_slot_each(
+    http: aiohttp.ClientSession, start_dev_api: Callable[..., DevApi]
+) -> None:
+    rate = 2
+    api = start_dev_api("--rate-limit", str(rate))
+    answers, took = await burst_of_logins(http, api, 20)
+    admitted = [a for a in answers if a[0] == 200]
+    waits = sorted(ra for status, ra in answers if status == 429 and ra is not None)
+    assert {status for status, _ in answers} <= {200, 429}
+    # Never more than the rate in any second (the burst took ``took`` seconds).
+    assert 1 <= len(admitted) <= rate * (math.floor(took) + 1)
+    assert len(waits) == len(answers) - len(admitted) >= 20 - rate * (math.floor(took) + 1)
+    # Each refusal was promised a slot of its own, 1/rate apart: not one pause for all, which
+    # would bring them back together. (The burst's own spread blurs them by at most ``took``.)
+    assert all(wait > 0 for wait in waits)
+    assert waits[-1] - waits[0] >= (len(waits) - 1) / rate - took
+    rates = api.stats()["api_per_second"]
+    assert sum(rates["attempted"]) == 20
+    assert sum(rates["answered"]) == len(admitted)
+    assert max(rates["answered"]) <= rate
+
+
+async def test_rate_limited_request_that_comes_back_at_its_retry_after_gets_in(
+    http: aiohttp.ClientSession, start_dev_api: Callable[..., DevApi]
+) -> None:
+    api = start_dev_api("--rate-limit", "4")
+    answers, _ = await burst_of_logins(http, api, 6)
+    refused = [ra for status, ra in answers if status == 429]
+    assert refused and all(ra is not None for ra in refused)
+
+    async def come_back(retry_after: float) -> int:
+        await asyncio.sleep(retry_after)  # the protocol under test, not a synchronisation
+        body = {"email": api.email, "password": api.password}
+        async with http.post(f"{api.url}/login", json=body) as response:
+            return response.status
+
+    assert await asyncio.gather(*(come_back(ra) for ra in refused if ra)) == [200] * len(refused)
+
+
+async def test_rate_limit_covers_the_api_not_the_cdn_or_health(
+    http: aiohttp.ClientSession, start_dev_api: Callable[..., DevApi], resource_folder: str
+) -> None:
+    api = start_dev_api("--rate-limit", "1")
+    auth = await bearer(http, api)  # the one API request of this second
+    url = f"{api.url}/cdn/{resource_folder}/big"
+    async with http.put(url, data=b"x" * 100, headers=auth) as response:
+        assert response.status == 201
+
+    async def status(path: str) -> int:
+        async with http.get(path) as response:
+            await response.read()
+            return response.status
+
+    paths = [url, f"{api.url}/health"] * 10
+    assert await asyncio.gather(*(status(path) for path in paths)) == [200] * 20
+    fragment = f"{api.url}/binary-split/key-fragment"
+    assert 429 in await asyncio.gather(*(status(fragment) for _ in range(5)))
+
+
+def test_rate_limiter_admits_at_most_the_rate_in_any_second() -> None:
+    now = [0.0]
+    limiter = RateLimiter(10, clock=lambda: now[0])
+    admitted: list[float] = []
+    refused: list[float] = []
+    for step in range(3000):  # 100 requests a second for 30 s
+        now[0] = step / 100
+        wait = limiter.admit()
+        (admitted if wait is None else refused).append(now[0] if wait is None else wait)
+    assert refused and all(wait > 0 for wait in refused)
+    for start in admitted:
+        assert sum(start <= t < start + 1.0 for t in admitted) <= 10
+    assert len(admitted) >= 10 * 30 - 10  # and it does admit the rate
+
+
+def test_rate_limit_must_be_positive(tmp_path: Path) -> None:
+    result = run_dev_api("--data-dir", str(tmp_path), "--user", "a@b:c", "--rate-limit", "0")
+    assert result.returncode == 2
+    assert "--rate-limit must be positive" in result.stderr
+
+
+async def test_fault_with_a_probability_hits_some_requests(
+    http: aiohttp.ClientSession, shared_dev_api: DevApi
+) -> None:
+    shared_dev_api.faults(status=503, path="/health", count=None, probability=0.5)
+    statuses = []
+    for _ in range(60):
+        async with http.get(f"{shared_dev_api.url}/health") as response:
+            statuses.append(response.status)
+    assert 0 < statuses.count(503) < 60  # by chance all or none: 2 in 2**60
+    with pytest.raises(Exception, match="400"):
+        shared_dev_api.faults(status=503, probability=0)
 
 
 DEV_COMMAND = [sys.executable, "-m", "azaion_loader_dev", "dev-api"]
