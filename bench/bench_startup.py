@@ -97,13 +97,13 @@ def python_start() -> float:
 
 def import_groups(importtime_output: str) -> dict[str, float]:
     """``-X importtime`` lines summed by top-level package: each module's own time, in ms."""
-    groups: dict[str, float] = collections.Counter()
+    groups: collections.Counter[str] = collections.Counter()
     for line in importtime_output.splitlines():
         if not line.startswith("import time:") or "self [us]" in line:
             continue
         own, _, name = line[len("import time:") :].split("|")
-        groups[name.strip().split(".")[0]] += int(own) / 1000
-    return groups
+        groups[name.strip().split(".")[0]] += int(own)
+    return {name: us / 1000 for name, us in groups.items()}
 
 
 def compile_tree(tree: Path) -> None:
