@@ -496,7 +496,6 @@ def encrypt_file(
         end = done + len(piece) + TAG_SIZE
         done += encryptor._seal_into(piece, out[done:end], last=start == followed * chunk_size)
     _write(fout, out[:done])
-    encryptor._finished = True
     return written + done
 
 
