@@ -30,7 +30,6 @@ from agent.connections import caller_eof
 from agent.defaults import NAME_MAX_LENGTH
 from agent.logs import quote
 from agent.metrics import METRICS, Metrics
-from agent.openapi import build_document
 from agent.peers import AccessPolicy, AccountGroups, Peer, identify
 from agent.routes import (
     LOOPBACK_AUTHORITY,
@@ -577,6 +576,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def openapi_document(request: web.Request) -> web.Response:
+    from agent.openapi import build_document  # only on request: nothing before READY=1 needs it
+
     return web.json_response(build_document(ENDPOINTS))
 
 

@@ -9,6 +9,7 @@ Open listeners -> check the descriptor limit holds their connections -> build se
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import signal
 import time
@@ -41,6 +42,11 @@ DEBUG_BLOCK_SECONDS = 600
 LOOP_ERROR_LOG_INTERVAL = 5.0
 
 LoopExceptionHandler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]
+
+# Imported only when first used, after READY=1 (the Docker SDK by the unlock, in a worker
+# thread, see agent.images): whether they are installed is checked at start instead, so a broken
+# installation stops ``serve`` with one line rather than failing the first unlock.
+DEFERRED_IMPORTS = {"docker": "the Docker SDK for Python", "requests": "requests"}
 
 
 def resource_api_client(settings: Settings) -> ResourceApiClient:
@@ -78,9 +84,21 @@ def serving_status(unlock: UnlockManager) -> str:
     return f"serving; {unlock.status_line()}"
 
 
+def check_deferred_imports(modules: Mapping[str, str] = DEFERRED_IMPORTS) -> None:
+    """Raise ``LoaderError`` if a module imported only later is not installed (finding it
+    imports nothing)."""
+    missing = [what for name, what in modules.items() if importlib.util.find_spec(name) is None]
+    if missing:
+        raise LoaderError(
+            f"this installation is incomplete: {', '.join(missing)} not installed "
+            "(reinstall azaion-loader)"
+        )
+
+
 async def serve(settings: Settings, environ: Mapping[str, str] | None = None) -> None:
     env = os.environ if environ is None else environ
     started = time.monotonic()
+    check_deferred_imports()
     access = AccessPolicy.from_setting(  # a bad group name: exit 2
         settings.loader_allowed_groups,
         explicit="loader_allowed_groups" in settings.model_fields_set,

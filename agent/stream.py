@@ -219,14 +219,24 @@ class Encryptor:
         return b"".join(parts)
 
     def _seal(self, plaintext: Buffer, *, last: bool) -> bytes:
+        self._check_index(last)
+        chunk = self._aead.encrypt(nonce_for_chunk(self._index, last), plaintext, None)
+        self._index += 1
+        return chunk
+
+    def _seal_into(self, plaintext: memoryview, out: memoryview, *, last: bool) -> int:
+        """``_seal`` into ``out``, exactly ``len(plaintext) + TAG_SIZE`` bytes; returns that."""
+        self._check_index(last)
+        self._aead.encrypt_into(nonce_for_chunk(self._index, last), plaintext, None, out)
+        self._index += 1
+        return len(out)
+
+    def _check_index(self, last: bool) -> None:
         # Chunk MAX_CHUNKS - 1 can only be the final one: its successor would be over the limit.
         if self._index >= (MAX_CHUNKS if last else MAX_CHUNKS - 1):
             raise StreamError(
                 f"the plaintext is too long for one stream (over {MAX_CHUNKS} chunks)"
             )
-        chunk = self._aead.encrypt(nonce_for_chunk(self._index, last), plaintext, None)
-        self._index += 1
-        return chunk
 
     def _take_header(self) -> list[bytes]:
         header, self._header = self._header, None
@@ -356,6 +366,27 @@ class Decryptor:
             self._index += 1
             yield plaintext
 
+    def _open_followed_into(self, records: memoryview, count: int, out: memoryview) -> int:
+        """``_open_followed_chunks`` into ``out`` (``count`` chunk sizes), without a new buffer
+        per chunk; returns the plaintext bytes written. On a failure, the chunks opened before
+        the failing one (``_index`` counts them) are in ``out``, verified."""
+        assert self._aead is not None
+        decrypt_into, record_size = self._aead.decrypt_into, self._record_size
+        chunk_size = record_size - TAG_SIZE
+        if self._index + count >= MAX_CHUNKS:  # chunk MAX_CHUNKS - 1 could only be the final one
+            raise UnsupportedFormatError(
+                f"the stream has more than {MAX_CHUNKS} chunks, over the format's limit"
+            )
+        for i in range(count):
+            record = records[i * record_size : (i + 1) * record_size]
+            nonce = self._index.to_bytes(NONCE_SIZE - 1, "big") + b"\x00"
+            try:
+                decrypt_into(nonce, record, None, out[i * chunk_size : (i + 1) * chunk_size])
+            except InvalidTag:
+                raise self._followed_chunk_failure(record) from None
+            self._index += 1
+        return count * chunk_size
+
     def _followed_chunk_failure(self, record: Buffer) -> StreamError:
         """Why a full-size record with bytes after it does not open as chunk ``_index``."""
         if self._try_open(record, last=True) is None:
@@ -435,30 +466,105 @@ def decrypt_iter(chunks: Iterable[Buffer], fragments: Sequence[bytes]) -> Iterat
 def encrypt_file(
     fin: BinaryIO, fout: BinaryIO, fragments: Sequence[bytes], *, chunk_size: int = CHUNK_SIZE
 ) -> int:
-    """Encrypt ``fin`` to ``fout`` in bounded memory; returns the ciphertext bytes written."""
-    return _write_all(fout, encrypt_iter(_read_pieces(fin), fragments, chunk_size=chunk_size))
+    """Encrypt ``fin`` to ``fout`` in bounded memory; returns the ciphertext bytes written.
+
+    The same stream as ``encrypt_iter``; reads about ``FILE_READ_SIZE`` at a time into one
+    reused buffer and writes each round's chunks in one call, sealed into another.
+    """
+    encryptor = Encryptor(fragments, chunk_size=chunk_size)
+    written = sum(_write(fout, header) for header in encryptor._take_header())
+    batch = _chunks_per_read(chunk_size)
+    plaintext = memoryview(bytearray((batch + 1) * chunk_size))  # + the chunk held back
+    out = memoryview(bytearray((batch + 1) * (chunk_size + TAG_SIZE)))
+    filled = _fill(fin, plaintext)
+    while filled == len(plaintext):  # every chunk but the last has a byte after it
+        done = 0
+        for start in range(0, batch * chunk_size, chunk_size):
+            end = done + chunk_size + TAG_SIZE
+            done += encryptor._seal_into(
+                plaintext[start : start + chunk_size], out[done:end], last=False
+            )
+        _write(fout, out[:done])
+        written += done
+        plaintext[:chunk_size] = plaintext[batch * chunk_size :]
+        filled = chunk_size + _fill(fin, plaintext[chunk_size:])
+    # The input has ended: the full chunks before the last piece, then the final chunk.
+    followed = max(0, (filled - 1) // chunk_size)
+    done = 0
+    for start in range(0, (followed + 1) * chunk_size, chunk_size):
+        piece = plaintext[start : min(start + chunk_size, filled)]
+        end = done + len(piece) + TAG_SIZE
+        done += encryptor._seal_into(piece, out[done:end], last=start == followed * chunk_size)
+    _write(fout, out[:done])
+    return written + done
 
 
 def decrypt_file(fin: BinaryIO, fout: BinaryIO, fragments: Sequence[bytes]) -> int:
     """Decrypt ``fin`` to ``fout`` in bounded memory; returns the plaintext bytes written.
 
     Only authenticated plaintext reaches ``fout``; on an error, what was written is a prefix of
-    the plaintext and the caller must discard it.
+    the plaintext (every chunk verified before the failing one) and the caller must discard it.
+    The same checks as ``decrypt_iter``; reads about ``FILE_READ_SIZE`` at a time into one
+    reused buffer and writes each round's plaintext in one call, opened into another.
     """
-    return _write_all(fout, decrypt_iter(_read_pieces(fin), fragments))
-
-
-def _read_pieces(fin: BinaryIO) -> Iterator[bytes]:
-    while piece := fin.read(FILE_READ_SIZE):
-        yield piece
-
-
-def _write_all(fout: BinaryIO, pieces: Iterable[bytes]) -> int:
+    decryptor = Decryptor(fragments)
+    header = memoryview(bytearray(HEADER_SIZE))
+    decryptor.update(header[: _fill(fin, header)])  # the header alone: no plaintext yet
+    if decryptor.header is None:  # the input ended inside the header: finalize says so
+        return _write(fout, decryptor.finalize())
+    chunk_size = decryptor.header.chunk_size
+    record_size = chunk_size + TAG_SIZE
+    batch = _chunks_per_read(chunk_size)
+    records = memoryview(bytearray((batch + 1) * record_size))  # + the record held back
+    out = memoryview(bytearray(batch * chunk_size))
     written = 0
-    for piece in pieces:
-        fout.write(piece)
-        written += len(piece)
-    return written
+    filled = _fill(fin, records)
+    while True:
+        # Full records with a byte after them; a full buffer holds its last record back.
+        followed = batch if filled == len(records) else max(0, (filled - 1) // record_size)
+        opened_before = decryptor._index
+        try:
+            done = decryptor._open_followed_into(records, followed, out)
+        except StreamError:
+            _write(fout, out[: (decryptor._index - opened_before) * chunk_size])
+            raise
+        _write(fout, out[:done])
+        written += done
+        if filled < len(records):
+            break
+        records[:record_size] = records[batch * record_size :]
+        filled = record_size + _fill(fin, records[record_size:])
+    # The input has ended: what is left (at most one record) must be the final chunk.
+    decryptor.update(records[followed * record_size : filled])
+    return written + _write(fout, decryptor.finalize())
+
+
+def _chunks_per_read(chunk_size: int) -> int:
+    return max(1, FILE_READ_SIZE // chunk_size)
+
+
+def _fill(fin: BinaryIO, view: memoryview) -> int:
+    """Read into ``view`` until it is full or the input ends; returns the bytes read."""
+    readinto = getattr(fin, "readinto", None)
+    filled = 0
+    while filled < len(view):
+        if readinto is not None:
+            count = readinto(view[filled:])
+        else:  # a file-like object with ``read`` only
+            piece = fin.read(len(view) - filled)
+            count = len(piece)
+            view[filled : filled + count] = piece
+        if not count:
+            break
+        filled += count
+    return filled
+
+
+def _write(fout: BinaryIO, data: Buffer) -> int:
+    """Write all of ``data`` (nothing for no bytes); returns its length."""
+    if data:
+        fout.write(data)
+    return len(data)
 
 
 def ciphertext_size(plaintext_size: int, *, chunk_size: int = CHUNK_SIZE) -> int:

@@ -20,12 +20,16 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, lazy: bool = False) -> argparse.ArgumentParser:
+    """The whole command line. ``lazy`` (to run one command, as ``main`` does): ``dev-api``
+    is a stand-in that imports the development tools only if it runs; every command imports
+    what it needs when it runs in any case."""
     parser = argparse.ArgumentParser(prog=PROG, description="Azaion boot-time unlock agent.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (local, crypto, publish, completion, devapi):
+    for module in (local, crypto, publish, completion):
         module.register(sub)
+    devapi.register(sub, lazy=lazy)
     return parser
 
 
@@ -38,7 +42,7 @@ def fail(message: str, code: int = EXIT_FAILURE) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(lazy=True).parse_args(argv)
     try:
         result: int | None = args.func(args)
     except ConfigError as exc:

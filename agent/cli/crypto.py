@@ -4,6 +4,9 @@
 into place only when the whole stream has been processed, so a failed decrypt leaves no partial
 OUT behind (an existing OUT is left untouched). On stdout, only authenticated plaintext is
 written, but a failure part-way leaves a prefix there: check the exit status.
+
+The format (``agent.keys``, ``agent.stream`` and ``cryptography``) is imported when one of these
+commands runs, so building the parser for another command does not pay for it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from agent import keys, stream
 from agent.errors import ConflictError, LoaderError, NotFoundError, StreamError
 
 FileTransform = Callable[[BinaryIO, BinaryIO, Sequence[bytes]], int]
@@ -67,6 +69,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run_keygen(args: argparse.Namespace) -> int:
+    from agent import keys
+
     fragment = keys.generate_fragment()
     if args.out == STDIO:
         sys.stdout.write(keys.encode_fragment(fragment) + "\n")
@@ -79,16 +83,22 @@ def run_keygen(args: argparse.Namespace) -> int:
 
 
 def run_encrypt(args: argparse.Namespace) -> int:
+    from agent import stream
+
     return _run_stream_command(args, "encrypt", stream.encrypt_file, mode=None)
 
 
 def run_decrypt(args: argparse.Namespace) -> int:
+    from agent import stream
+
     return _run_stream_command(args, "decrypt", stream.decrypt_file, mode=PLAINTEXT_MODE)
 
 
 def _run_stream_command(
     args: argparse.Namespace, verb: str, transform: FileTransform, *, mode: int | None
 ) -> int:
+    from agent import keys
+
     fragments = [keys.read_fragment_file(path) for path in args.key_fragments]
     with (
         open_input(args.input) as fin,

@@ -1,4 +1,8 @@
-"""Subcommands that run the agent or talk to the running agent over its socket."""
+"""Subcommands that run the agent or talk to the running agent over its socket.
+
+Each command imports what it needs when it runs (the agent for ``serve``, the socket client
+for the others), so building the parser, or running another command, does not pay for them.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.cli.progress import Progress
 from agent.defaults import DEFAULT_SOCKET_PATH
 from agent.errors import ConfigError, LoaderError
-from agent.localclient import AgentClient
+
+if TYPE_CHECKING:
+    from agent.localclient import AgentClient
 
 UNLOCK_POLL_SECONDS = 0.5
 # The unlock states that end a run, as the agent's API names them (GET /unlock/status).
@@ -97,9 +102,15 @@ def _print(args: argparse.Namespace, data: dict[str, Any], human: str) -> None:
     print(json.dumps(data, indent=2) if args.json else human)
 
 
+def _client(args: argparse.Namespace, **options: Any) -> AgentClient:
+    from agent.localclient import AgentClient  # http.client: only for the commands that talk
+
+    return AgentClient(args.socket, **options)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     try:
-        data = AgentClient(args.socket).get_json("/status")
+        data = _client(args).get_json("/status")
     except ConfigError as exc:  # 2 means "locked" here: a probe must see an error as 1
         raise LoaderError(str(exc)) from exc
     unlock = data.get("unlock")
@@ -145,7 +156,7 @@ def _read_password() -> str:
 
 def cmd_login(args: argparse.Namespace) -> int:
     password = _read_password()
-    data = AgentClient(args.socket).post_json("/login", {"email": args.email, "password": password})
+    data = _client(args).post_json("/login", {"email": args.email, "password": password})
     human = (
         "logged in"
         if data.get("verified")
@@ -156,7 +167,9 @@ def cmd_login(args: argparse.Namespace) -> int:
 
 
 def cmd_unlock(args: argparse.Namespace) -> int:
-    client = AgentClient(args.socket)
+    from agent.cli.progress import Progress
+
+    client = _client(args)
     snapshot = client.post_json("/unlock")
     if not args.wait:
         _print(args, snapshot, describe_unlock(snapshot))
@@ -181,7 +194,9 @@ def cmd_unlock(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    client = AgentClient(args.socket, timeout=None)
+    from agent.cli.progress import Progress
+
+    client = _client(args, timeout=None)
     output = args.output or args.name
     progress = Progress(f"load {args.name}")
     try:
@@ -212,12 +227,12 @@ def cmd_upload(args: argparse.Namespace) -> int:
     path: Path = args.file
     if not path.is_file():
         raise LoaderError(f"no such file: {path}")
+    from agent.cli.progress import Progress
+
     name = args.name or path.name
     progress = Progress(f"upload {name}", total=path.stat().st_size)
     try:
-        data = AgentClient(args.socket, timeout=None).upload(
-            path, args.folder, name, progress.update
-        )
+        data = _client(args, timeout=None).upload(path, args.folder, name, progress.update)
     finally:
         progress.close()
     _print(args, data, f"{name}: uploaded to {args.folder}")

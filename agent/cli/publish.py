@@ -1,14 +1,14 @@
-"""Publisher-side subcommands: ``pack-images``."""
+"""Publisher-side subcommands: ``pack-images``.
+
+The Docker SDK and the packer are imported when the command runs, not when the parser is built.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from agent import keys
 from agent.errors import ConflictError
-from agent.images import ImageEngine
-from agent.pack import pack_images
 
 MB = 1000 * 1000
 
@@ -50,6 +50,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run_pack_images(args: argparse.Namespace) -> int:
+    from agent import keys
+    from agent.images import ImageEngine
+    from agent.pack import pack_images
+
     if args.fragment_out.exists() and not args.force:
         raise ConflictError(
             f"key fragment file {args.fragment_out} already exists (use --force to replace it)"
@@ -71,6 +75,8 @@ def run_pack_images(args: argparse.Namespace) -> int:
 
 
 def _device_fragment(path: Path) -> bytes:
+    from agent import keys
+
     if path.exists():
         return keys.read_fragment_file(path)
     fragment = keys.generate_fragment()
