@@ -328,8 +328,8 @@ main() {
 		die "version $version: digits and dots only (the same string for Debian and for Python)"
 	arch=${ARCH:-$(dpkg --print-architecture)}
 	case $arch in
-		amd64) machine=x86_64 ;;
-		arm64) machine=aarch64 ;;
+		amd64 | x86_64) arch=amd64 machine=x86_64 ;;
+		arm64 | aarch64) arch=arm64 machine=aarch64 ;;
 		*) die "architecture $arch: amd64 or arm64" ;;
 	esac
 	epoch=${SOURCE_DATE_EPOCH:-$(changelog_epoch)}
