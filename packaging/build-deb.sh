@@ -349,7 +349,8 @@ main() {
 	write_control "$stage" "$version" "$arch" "$depends"
 	normalize_tree "$stage" "$epoch"
 	mkdir -p "$OUT"
-	dpkg-deb --root-owner-group -Zxz --build "$stage" "$deb" >/dev/null
+	# gzip, not xz: nearly all of it is wheels, zip files already (xz: 4 % smaller, 10-25 s more).
+	dpkg-deb --root-owner-group -Zgzip --build "$stage" "$deb" >/dev/null
 	echo "build-deb: $deb ($(du -h "$deb" | cut -f1), $((SECONDS - started)) s)"
 }
 
