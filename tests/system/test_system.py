@@ -592,10 +592,17 @@ def test_transient_faults_keep_the_agent_running_and_retrying(
     machine.run(["systemctl", "restart", AGENT])
     pid = wait_running(machine)
     wait_for(lambda: "waiting for network" in status_text(machine), 30, "the agent to retry")
-    wait_for(lambda: "attempt 3" in status_text(machine), 60, "a third attempt")
+    # "attempt N" shows only while the agent waits between tries, and a jittered pause may be
+    # a few milliseconds: look for any N >= 3 (the count only grows while the network is down).
+    wait_for(lambda: _attempt_shown(status_text(machine)) >= 3, 60, "a third attempt")
     assert show(machine, AGENT, "MainPID")["MainPID"] == pid
     assert show(machine, AGENT, "NRestarts")["NRestarts"] == "0"
     assert show(machine, AGENT, "ActiveState")["ActiveState"] == "active"
+
+
+def _attempt_shown(status: str) -> int:
+    match = re.search(r"\(attempt (\d+)\)", status)
+    return int(match[1]) if match else 0
 
 
 def test_a_healthy_boot_logs_nothing_at_err_and_status_is_utf8(
