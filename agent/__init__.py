@@ -1,3 +1,3 @@
 """azaion-loader: boot-time unlock agent for edge devices."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
