@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -88,10 +89,19 @@ def old_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if given:
         return given
     cached = CACHE_DIR / f"deb-{OLD_RELEASE[:12]}-{native_arch()}"
-    found = sorted(cached.glob("azaion-loader_*.deb"))
-    if found:
-        return found[0]
-    src = tmp_path_factory.mktemp("old-release")
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with (CACHE_DIR / "deb.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another session may be building it right now
+        found = sorted(cached.glob("azaion-loader_*.deb"))
+        if not found:
+            build_old_release(cached, tmp_path_factory.mktemp("old-release"))
+            found = sorted(cached.glob("azaion-loader_*.deb"))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def build_old_release(cached: Path, src: Path) -> None:
+    """Build OLD_RELEASE from its own sources (``git archive``: no worktree) into ``cached``."""
     archive = subprocess.run(
         ["git", "-C", str(REPO), "archive", "--format=tar", OLD_RELEASE],
         capture_output=True,
@@ -102,12 +112,11 @@ def old_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
         f"{archive.stderr.decode(errors='replace')}; a shallow clone lacks it: fetch it, or set "
         "LOADER_TEST_OLD_DEB to a 0.1.0 package"
     )
-    subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True)
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True, timeout=120)
     partial = cached.with_name(cached.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    deb = build_deb(partial, repo=src)
+    build_deb(partial, repo=src)
     partial.rename(cached)
-    return cached / deb.name
 
 
 @pytest.fixture(scope="session")

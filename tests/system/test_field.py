@@ -555,9 +555,11 @@ def test_release_upgrade_12_to_13_keeps_the_agent_ready_offline(
     """A running Debian 12 device, package installed and unlocked, upgraded to Debian 13 the
     way an operator does it, in the booted machine: apt sources to trixie, ``apt-get update``,
     ``apt-get dist-upgrade`` (from the Debian mirror: needs the network), then, as on a system
-    installed normally rather than by debootstrap, Python 3.11 is autoremoved; then a reboot
-    with the Resource API gone. The package stays installed, the agent runs on Python 3.13 and
-    is ready from its unlock record, its state, cache and credentials as they were."""
+    installed normally rather than by debootstrap, Python 3.11 is autoremoved. The package
+    stays installed, and its trigger on /usr/bin/python3 has already moved the running agent
+    onto an environment on Python 3.13. Then a reboot with the Resource API gone: the agent is
+    ready from its unlock record, on Python 3.13, its state, cache and credentials as they
+    were. (All of it in the booted machine: a dist-upgrade runs fine under a booted nspawn.)"""
     image = chroot_image("bookworm", "amd64")
     image.assert_installed_cleanly()
     ref, image_id, archive = published_archive(dockerd, dev_api, tmp_path)
@@ -580,6 +582,11 @@ def test_release_upgrade_12_to_13_keeps_the_agent_ready_offline(
     assert installed_version(machine) == version, upgrade
     assert machine.root.joinpath("etc/debian_version").read_text().startswith("13"), upgrade
     assert not machine.root.joinpath("usr/bin/python3.11").exists()
+    # The package's trigger on /usr/bin/python3 rebuilt the environment during the upgrade and
+    # moved the running agent onto it: no reboot needed for that.
+    wait_running(machine)
+    assert agent_python(machine) == "/usr/bin/python3.13", upgrade
+    wait_ready(machine)
     dev_api.stop()
     machine.reboot()
 
