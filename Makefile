@@ -35,8 +35,9 @@ bench: venv
 	  $(BIN)/python $$script || failed="$$failed $$script"; done; \
 	  if [ -n "$$failed" ]; then echo "goals missed in:$$failed"; exit 1; fi
 
+## deb: dist/azaion-loader_<version>_<arch>.deb; ARCH=amd64|arm64 (default: this machine's)
 deb:
-	bash packaging/build-deb.sh
+	bash packaging/build-deb.sh $(if $(ARCH),--arch $(ARCH))
 
 demo: venv
 	$(BIN)/python scripts/demo.py

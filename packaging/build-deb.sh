@@ -328,8 +328,8 @@ main() {
 		die "version $version: digits and dots only (the same string for Debian and for Python)"
 	arch=${ARCH:-$(dpkg --print-architecture)}
 	case $arch in
-		amd64) machine=x86_64 ;;
-		arm64) machine=aarch64 ;;
+		amd64 | x86_64) arch=amd64 machine=x86_64 ;;
+		arm64 | aarch64) arch=arm64 machine=aarch64 ;;
 		*) die "architecture $arch: amd64 or arm64" ;;
 	esac
 	epoch=${SOURCE_DATE_EPOCH:-$(changelog_epoch)}
@@ -349,7 +349,8 @@ main() {
 	write_control "$stage" "$version" "$arch" "$depends"
 	normalize_tree "$stage" "$epoch"
 	mkdir -p "$OUT"
-	dpkg-deb --root-owner-group -Zxz --build "$stage" "$deb" >/dev/null
+	# gzip, not xz: nearly all of it is wheels, zip files already (xz: 4 % smaller, 10-25 s more).
+	dpkg-deb --root-owner-group -Zgzip --build "$stage" "$deb" >/dev/null
 	echo "build-deb: $deb ($(du -h "$deb" | cut -f1), $((SECONDS - started)) s)"
 }
 

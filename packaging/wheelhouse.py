@@ -119,11 +119,16 @@ def _extract_elf(wheel: Wheel, machine: str, extract: Path, problems: list[str])
                 continue
             found += 1
             if wheel.pure:
-                problems.append(f"{wheel.path.name}: a pure wheel with an ELF file {member.filename}")
+                problems.append(
+                    f"{wheel.path.name}: a pure wheel with an ELF file {member.filename}"
+                )
             # e_machine: 2 bytes at offset 18, in the file's byte order (EI_DATA: 1 = little).
-            order = "little" if header[5] == 1 else "big"
-            if int.from_bytes(header[18:20], order) != ELF_MACHINES[machine]:
-                problems.append(f"{wheel.path.name}: {member.filename} is not an {machine} ELF file")
+            little = header[5] == 1
+            e_machine = int.from_bytes(header[18:20], "little" if little else "big")
+            if e_machine != ELF_MACHINES[machine]:
+                problems.append(
+                    f"{wheel.path.name}: {member.filename} is not an {machine} ELF file"
+                )
             relative = PurePosixPath(member.filename)
             if relative.is_absolute() or ".." in relative.parts:
                 problems.append(f"{wheel.path.name}: unsafe member name {member.filename}")
@@ -147,7 +152,9 @@ def licenses(directory: Path) -> None:
         license_text = meta.get("License-Expression") or ""
         if not license_text:
             classifiers = [
-                c.split(" :: ")[-1] for c in meta.get_all("Classifier") or [] if c.startswith("License ::")
+                c.split(" :: ")[-1]
+                for c in meta.get_all("Classifier") or []
+                if c.startswith("License ::")
             ]
             license_text = " / ".join(classifiers) or (meta.get("License") or "see its METADATA")
         row = f" {meta['Name']} {meta['Version']}: {license_text.strip().splitlines()[0][:70]}"

@@ -7,11 +7,14 @@ and looks at it the way an operator would: ``systemctl``, ``journalctl``, the CL
 from __future__ import annotations
 
 import http.client
+import io
 import re
 import shutil
 import socket
 import subprocess
+import tarfile
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -117,21 +120,49 @@ def test_package_is_lintian_clean_of_errors(deb_package: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_package_bundles_a_venv_on_debians_python(deb_package: Path) -> None:
-    fields = subprocess.run(
-        ["dpkg-deb", "--field", str(deb_package), "Depends", "Version", "Architecture"],
-        capture_output=True,
-        text=True,
-        check=True,
+def dpkg_deb(*args: str | Path) -> str:
+    return subprocess.run(
+        ["dpkg-deb", *map(str, args)], capture_output=True, text=True, check=True
     ).stdout
-    assert re.search(r"^Depends: .*\bpython3\.11\b", fields, re.M), fields
-    contents = subprocess.run(
-        ["dpkg-deb", "--contents", str(deb_package)], capture_output=True, text=True, check=True
+
+
+def package_file(deb: Path, path: str) -> bytes:
+    """One file of the package's data, read without installing it."""
+    tar = subprocess.run(
+        ["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True, check=True
     ).stdout
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        member = archive.extractfile(f"./{path.removeprefix('./').lstrip('/')}")
+        assert member is not None, f"{path} is not a file in the package"
+        return member.read()
+
+
+WHEELS = "./usr/lib/azaion-loader/wheels/"
+# Extension modules the agent needs: each must come as a wheel for every supported Python.
+COMPILED = ("aiohttp", "cffi", "frozenlist", "multidict", "propcache", "pydantic_core", "yarl")
+MACHINES = {"amd64": "x86_64", "arm64": "aarch64"}
+
+
+def test_package_carries_a_wheelhouse_for_debian_12_and_13(deb_package: Path) -> None:
+    """The environment is built on the device from wheels for its architecture and for both
+    Debian 12's Python 3.11 and Debian 13's 3.13: no upper bound on python3, nothing under /opt
+    owned by dpkg, no bytecode."""
+    depends = dpkg_deb("--field", deb_package, "Depends").strip()
+    version = dpkg_deb("--field", deb_package, "Version").strip()
+    machine = MACHINES[dpkg_deb("--field", deb_package, "Architecture").strip()]
+    assert re.search(r"(^|, )python3 \(>= 3\.11~\)(,|$)", depends), depends
+    assert "<<" not in depends and "python3.11" not in depends, depends
+    assert dpkg_deb("--info", deb_package, "triggers").split() == [
+        "interest-noawait",
+        "/usr/bin/python3",
+    ]
+    contents = dpkg_deb("--contents", deb_package)
     for path in (
-        "./opt/azaion-loader/bin/azaion-loader",
-        "./opt/azaion-loader/pyvenv.cfg",
-        "./usr/bin/azaion-loader -> /opt/azaion-loader/bin/azaion-loader",
+        "./usr/bin/azaion-loader -> /opt/azaion-loader/current/bin/azaion-loader",
+        "./usr/lib/azaion-loader/ensure-env",
+        f"{WHEELS}azaion_loader-{version}-py3-none-any.whl",
+        f"{WHEELS}sdnotify-",
+        f"{WHEELS}pip-",
         "./lib/systemd/system/azaion-loader.service",
         "./lib/systemd/system/azaion-loader.socket",
         "./usr/lib/sysusers.d/azaion-loader.conf",
@@ -139,29 +170,42 @@ def test_package_bundles_a_venv_on_debians_python(deb_package: Path) -> None:
         "./etc/azaion-loader/loader.env",
     ):
         assert path in contents, f"{path} is not in the package"
-    # Bytecode is compiled on the device (postinst), never shipped with build paths inside.
-    assert "__pycache__" not in contents
-    assert "./opt/azaion-loader/bin/pip" not in contents
+    wheels = [line.split(WHEELS, 1)[1] for line in contents.splitlines() if WHEELS in line]
+    wheels = [name for name in wheels if name.endswith(".whl")]
+    for name in COMPILED:
+        for python in ("cp311", "cp313"):
+            assert any(w.startswith(f"{name}-") and f"-{python}-{python}-" in w for w in wheels), (
+                f"no {python} wheel of {name}"
+            )
+    assert any(w.startswith("cryptography-") and "-abi3-" in w for w in wheels), wheels
+    platform_specific = [w for w in wheels if not w.endswith("-none-any.whl")]
+    assert all(w.endswith(f"_{machine}.whl") for w in platform_specific), platform_specific
+    assert " ./opt/" not in contents and "__pycache__" not in contents and ".pyc" not in contents
 
 
 DEVELOPMENT_TOOLS = re.compile(r"azaion_loader_dev|azaion-loader-dev|devapi|dev_api")
 # The one file of that name that belongs: azaion-loader's shim, which says dev-api is not here.
-DEV_API_SHIM = "/site-packages/agent/cli/devapi.py"
+DEV_API_SHIM = "agent/cli/devapi.py"
 
 
 def test_package_holds_no_development_tools(deb_package: Path) -> None:
     """No dev-api (an unauthenticated fault-injection endpoint), no test harness, no
-    ``azaion-loader-dev``: the device package holds the device's code only."""
-    contents = subprocess.run(
-        ["dpkg-deb", "--contents", str(deb_package)], capture_output=True, text=True, check=True
-    ).stdout
-    assert "./opt/azaion-loader/bin/azaion-loader" in contents  # the listing is the package's
-    found = [
-        line
-        for line in contents.splitlines()
-        if DEVELOPMENT_TOOLS.search(line) and not line.endswith(DEV_API_SHIM)
-    ]
+    ``azaion-loader-dev``: the device package, and the agent's wheel in it, hold the device's
+    code only."""
+    version = dpkg_deb("--field", deb_package, "Version").strip()
+    contents = dpkg_deb("--contents", deb_package)
+    found = [line for line in contents.splitlines() if DEVELOPMENT_TOOLS.search(line)]
     assert found == [], "\n".join(found)
+    wheel = package_file(deb_package, f"{WHEELS}azaion_loader-{version}-py3-none-any.whl")
+    with zipfile.ZipFile(io.BytesIO(wheel)) as archive:
+        names = archive.namelist()
+        assert DEV_API_SHIM in names  # the listing is the wheel's
+        found = [n for n in names if DEVELOPMENT_TOOLS.search(n) and n != DEV_API_SHIM]
+        [entry_points] = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        scripts = archive.read(entry_points).decode()
+    assert found == [], "\n".join(found)
+    assert "azaion-loader = agent.cli:main" in scripts
+    assert not DEVELOPMENT_TOOLS.search(scripts), scripts
 
 
 def test_dev_api_on_the_device_says_it_is_not_installed(new_machine: NewMachine) -> None:
