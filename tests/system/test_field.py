@@ -30,6 +30,7 @@ from agent.pack import pack_images
 from azaion_loader_dev.harness.agent import free_port, wait_for
 from tests.fixtures.devapi import DevApi
 from tests.fixtures.dockerd import Dockerd, import_image
+from tests.system.conftest import build_deb
 from tests.system.machine import Machine, missing, native_arch, require
 from tests.system.test_system import (
     AGENT,
@@ -744,3 +745,43 @@ def test_upgrade_from_the_field_release_keeps_everything_and_restarts_once(
 
 def dpkg_newer(first: str, second: str) -> bool:
     return subprocess.run(["dpkg", "--compare-versions", first, "gt", second]).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def newer_deb(tmp_path_factory: pytest.TempPathFactory, deb_package: Path) -> Path:
+    """The same package as the next patch version (``build-deb.sh --version``)."""
+    *head, patch = deb_field(deb_package, "Version").split(".")
+    newer = ".".join([*head, str(int(patch) + 1)])
+    return build_deb(tmp_path_factory.mktemp("deb-newer"), "--version", newer)
+
+
+def test_downgrade_between_wheelhouse_releases_is_refused_unless_allowed(
+    new_machine: NewMachine, deb_package: Path, newer_deb: Path
+) -> None:
+    """From 0.2.0 on a downgrade is refused, in one sentence, and changes nothing (the newer
+    agent keeps running, not even restarted): an older agent may not read the state a newer one
+    wrote. ``AZAION_LOADER_ALLOW_DOWNGRADE=1`` in dpkg's environment lets it through."""
+    older, newer = deb_field(deb_package, "Version"), deb_field(newer_deb, "Version")
+    machine = new_machine(installed=False)
+    use_port(machine, free_port())
+    machine.write("/root/older.deb", deb_package.read_bytes())
+    machine.write("/root/newer.deb", newer_deb.read_bytes())
+    machine.boot()
+    machine.run(["dpkg", "--install", "/root/newer.deb"], timeout=300)
+    wait_running(machine)
+    running = show(machine, AGENT, "InvocationID", "ActiveState")
+
+    refused = machine.run(["dpkg", "--install", "/root/older.deb"], check=False, timeout=300)
+
+    assert refused.returncode != 0, refused.stdout + refused.stderr
+    assert f"downgrading from {newer} to {older} is refused" in refused.stderr, refused.stderr
+    assert installed_version(machine) == newer
+    assert show(machine, AGENT, "InvocationID", "ActiveState") == running
+    assert agent_version(machine) == f"azaion-loader {newer}"
+
+    allow = "AZAION_LOADER_ALLOW_DOWNGRADE=1 dpkg --install /root/older.deb"
+    machine.run(["sh", "-c", allow], timeout=300)
+
+    assert installed_version(machine) == older
+    wait_running(machine)
+    assert agent_version(machine) == f"azaion-loader {older}"
