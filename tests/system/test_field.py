@@ -57,7 +57,8 @@ READY = "ready: 1 image loaded"
 EMULATED_INSTALL_TIMEOUT = 900.0
 EMULATED_TIMEOUT = 300.0
 NATIVE_INSTALL_TIMEOUT = 300.0
-# What systemd logs when a unit's LoadCredential= cannot be set up (exit status 243).
+# systemd's exit status when a unit's LoadCredential= cannot be set up, and its log line.
+EXIT_CREDENTIALS = "243"
 CREDENTIALS_FAILURE = "status=243/CREDENTIALS"
 # systemd's "unit started" journal message (SD_MESSAGE_UNIT_STARTED).
 UNIT_STARTED = "39f53479d3a045ac8e11786248231fbf"
@@ -522,18 +523,18 @@ def test_arm64_boots_under_qemu_and_unlocks_with_credentials_passed_another_way(
     assert enabled.split() == ["enabled", "enabled"]
     assert show(machine, SOCKET, "ActiveState")["ActiveState"] == "active"
 
-    # Before the agent's own process: its ExecStartPre= or ExecStart=, whichever runs first.
     wait_for(
-        lambda: CREDENTIALS_FAILURE in machine.journal(AGENT),
+        lambda: failed_at_credentials(machine, AGENT),
         EMULATED_TIMEOUT,
         "the agent's start to fail at the credentials step",
     )
     assert show(machine, AGENT, "Result")["Result"] == "exit-code"
+    assert CREDENTIALS_FAILURE in machine.journal(AGENT), machine.journal(AGENT)
     failed = machine.run(["systemctl", "--failed", "--no-legend", "--plain"]).stdout
     failed_units = [line.split()[0] for line in failed.splitlines() if line.strip()]
     assert {"systemd-sysusers.service", "systemd-tmpfiles-setup.service"} <= set(failed_units)
     for unit in failed_units:
-        assert CREDENTIALS_FAILURE in machine.journal(unit), f"{unit} failed otherwise"
+        assert failed_at_credentials(machine, unit), f"{unit} failed otherwise"
     # The emulator's limitation, not the unit's: credentials alone fail, nothing else does.
     bare = machine.run(["systemd-run", "--wait", "--collect", "--quiet", "true"], check=False)
     assert bare.returncode == 0, bare.stderr
@@ -564,6 +565,16 @@ def test_arm64_boots_under_qemu_and_unlocks_with_credentials_passed_another_way(
     cli = machine.run(["azaion-loader", "status"], check=False, timeout=EMULATED_TIMEOUT)
     assert cli.returncode == 0 and "ready" in cli.stdout, cli.stdout + cli.stderr
     assert "aarch64" in machine.run(["uname", "-m"]).stdout
+
+
+def failed_at_credentials(machine: Machine, unit: str) -> bool:
+    """Whether ``unit``'s last start ended with systemd's exit status 243 (CREDENTIALS), in its
+    main process or its ExecStartPre= (the status, not the journal: units that fail before
+    journald runs leave no line there)."""
+    found = show(machine, unit, "ExecMainStatus", "ExecStartPre")
+    return found["ExecMainStatus"] == EXIT_CREDENTIALS or (
+        f"status={EXIT_CREDENTIALS}" in found.get("ExecStartPre", "")
+    )
 
 
 # -- Debian 12 -> 13 --------------------------------------------------------------------------
