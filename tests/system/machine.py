@@ -1,13 +1,19 @@
 """A real systemd in a container: the boot harness of the system tests.
 
-- ``base_rootfs()``: a minimal Debian bookworm root file system made by ``debootstrap`` once and
-  cached on the machine (``/var/cache/azaion-loader-test/``, keyed by suite, mirror and package
-  list); later runs reuse it. Never written to: every machine is an overlay on top of it.
+- ``base_rootfs(suite, arch)``: a minimal Debian root file system (bookworm amd64 unless asked
+  for another suite or architecture) made by ``debootstrap`` once and cached on the machine
+  (``/var/cache/azaion-loader-test/rootfs-<suite>-<arch>-<key>``, the key a hash of suite,
+  architecture, variant, mirror and package list); later runs reuse it. Never written to: every
+  machine is an overlay on top of it. Another architecture's root (arm64 on an amd64 host) is
+  made and run under qemu-user-static, registered with the kernel by ``binfmt.ensure``.
 - ``Machine``: one container. ``boot()`` runs ``systemd-nspawn --boot`` (systemd as PID 1),
   ``run()`` executes a command inside with ``nsenter`` into the leader's namespaces,
   ``reboot()`` / ``poweroff()`` go through systemd itself, ``destroy()`` cleans everything up.
 - ``install_offline()`` installs a .deb into a stopped machine (``systemd-nspawn`` without
-  ``--boot``, as on an image being prepared); ``freeze()`` turns a stopped machine's changes
+  ``--boot``, as on an image being prepared); ``chroot()`` / ``chroot_install()`` do what an
+  image builder does instead: plain ``chroot``, nothing mounted (no /proc, /sys, /dev, /run);
+  ``execute()`` runs a command in the stopped machine under ``systemd-nspawn`` without
+  ``--boot`` (/proc and /sys mounted, no init); ``freeze()`` turns a stopped machine's changes
   into a read-only layer that other machines start from.
 
 This host may not run systemd as PID 1 (a CI VM whose init is something else): then there is no
@@ -38,8 +44,9 @@ from typing import Any
 
 import pytest
 
-from azaion_loader_dev.harness.agent import wait_for
+from azaion_loader_dev.harness.agent import wait_for as wait_for
 from azaion_loader_dev.harness.process import log_tail
+from tests.system import binfmt
 
 SUITE = "bookworm"
 VARIANT = "minbase"
@@ -102,7 +109,9 @@ def require_deb_build_tools() -> None:
 
 
 def debian_mirror() -> str:
-    """The Debian mirror this machine's apt uses (it is reachable from here), else the default."""
+    """The Debian mirror this machine's apt uses (it is reachable from here), else the default.
+
+    It serves every suite and architecture of the archive, whichever the host itself runs."""
     configured = os.environ.get("LOADER_TEST_DEBIAN_MIRROR")
     if configured:
         return configured
@@ -129,15 +138,42 @@ def _mirror_in(text: str) -> str | None:
     return None
 
 
-def rootfs_key(mirror: str, packages: Sequence[str] = PACKAGES) -> str:
-    recipe = "|".join([SUITE, VARIANT, mirror, ",".join(sorted(packages))])
+def native_arch() -> str:
+    """This host's Debian architecture (amd64 on the CI machines)."""
+    return subprocess.run(
+        ["dpkg", "--print-architecture"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def rootfs_key(
+    mirror: str, packages: Sequence[str] = PACKAGES, suite: str = SUITE, arch: str = "amd64"
+) -> str:
+    recipe = "|".join([suite, arch, VARIANT, mirror, ",".join(sorted(packages))])
     return hashlib.sha256(recipe.encode()).hexdigest()[:16]
 
 
-def base_rootfs(packages: Sequence[str] = PACKAGES) -> Path:
-    """The cached bookworm root file system, made by debootstrap on first use."""
-    mirror = debian_mirror()
-    target = CACHE_DIR / f"rootfs-{SUITE}-{rootfs_key(mirror, packages)}"
+def rootfs_path(
+    packages: Sequence[str] = PACKAGES, suite: str = SUITE, arch: str | None = None
+) -> Path:
+    """Where ``base_rootfs`` keeps (or will keep) this root file system."""
+    arch = arch or native_arch()
+    key = rootfs_key(debian_mirror(), packages, suite, arch)
+    return CACHE_DIR / f"rootfs-{suite}-{arch}-{key}"
+
+
+def require_foreign(arch: str) -> None:
+    """Skip (or, under CI=true, fail) unless ``arch``'s programs can run here (qemu-user)."""
+    require(binfmt.problems(arch), "qemu-user-static")
+
+
+def base_rootfs(
+    packages: Sequence[str] = PACKAGES, suite: str = SUITE, arch: str | None = None
+) -> Path:
+    """The cached root file system of ``suite`` for ``arch``, made by debootstrap on first use."""
+    arch = arch or native_arch()
+    if arch != native_arch():
+        binfmt.ensure(arch)  # debootstrap runs the new root's maintainer scripts in it
+    target = rootfs_path(packages, suite, arch)
     if (target / ".complete").exists():
         return target
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
@@ -145,19 +181,20 @@ def base_rootfs(packages: Sequence[str] = PACKAGES) -> Path:
         # Another test session may be bootstrapping the same root file system right now.
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / ".complete").exists():
-            _debootstrap(target, mirror, packages)
+            _debootstrap(target, debian_mirror(), packages, suite, arch)
     return target
 
 
-def _debootstrap(target: Path, mirror: str, packages: Sequence[str]) -> None:
+def _debootstrap(target: Path, mirror: str, packages: Sequence[str], suite: str, arch: str) -> None:
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     log = CACHE_DIR / f"{target.name}.log"
     command = [
         "debootstrap",
+        f"--arch={arch}",
         f"--variant={VARIANT}",
         f"--include={','.join(packages)}",
-        SUITE,
+        suite,
         str(partial),
         mirror,
     ]
@@ -307,23 +344,53 @@ class Machine:
 
     def install_offline(self, deb: Path) -> subprocess.CompletedProcess[str]:
         """``dpkg -i`` into the stopped machine (no systemd running), as on an image."""
-        assert not self.running, "install_offline() is for a stopped machine"
         inside = f"/tmp/{deb.name}"
-        command = self._command(
-            boot=False,
-            extra=[f"--bind-ro={deb}:{inside}", "--", "dpkg", "--install", inside],
-        )
+        return self.execute(["dpkg", "--install", inside], [f"--bind-ro={deb}:{inside}"])
+
+    def execute(
+        self, command: Sequence[str], options: Sequence[str] = (), timeout: float = COMMAND_TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``command`` in the stopped machine under ``systemd-nspawn`` without ``--boot``:
+        /proc, /sys, /dev and a /tmp tmpfs are there, no init. ``options`` go to nspawn."""
+        assert not self.running, "execute() is for a stopped machine"
+        command = self._command(boot=False, extra=[*options, "--", *command])
         try:
             return subprocess.run(
                 command,
                 capture_output=True,
                 text=True,
-                timeout=COMMAND_TIMEOUT,
+                timeout=timeout,
                 preexec_fn=None if _host_runs_systemd() else self._enter_own_cgroup,
                 env=INSIDE_ENV,
             )
         finally:
             self._cleanup_cgroups()
+
+    def chroot(
+        self, command: Sequence[str], timeout: float = COMMAND_TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``command`` in the stopped machine's root with plain ``chroot``, nothing mounted
+        (no /proc, /sys, /dev, /run): what an image builder does to a root file system."""
+        assert not self.running, "chroot() is for a stopped machine"
+        return subprocess.run(
+            ["chroot", str(self.root), "env", "-i", *_env_args(INSIDE_ENV), *command],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=INSIDE_ENV,
+        )
+
+    def chroot_install(
+        self, deb: Path, timeout: float = COMMAND_TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
+        """``chroot ROOT dpkg -i`` of ``deb`` copied into the root (and deleted afterwards)."""
+        inside = f"/{deb.name}"
+        copy = self.root / deb.name
+        shutil.copyfile(deb, copy)
+        try:
+            return self.chroot(["dpkg", "--install", inside], timeout=timeout)
+        finally:
+            copy.unlink()
 
     def boot(self) -> None:
         """Boot systemd as PID 1 and wait until it has finished starting up."""
@@ -458,6 +525,10 @@ class Machine:
         if unit:
             command += ["-u", unit]
         return self.run(command, check=False).stdout
+
+
+def _env_args(env: dict[str, str]) -> list[str]:
+    return [f"{name}={value}" for name, value in env.items()]
 
 
 def _descendants(pid: int) -> Iterator[int]:
