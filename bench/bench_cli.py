@@ -20,7 +20,6 @@ medians and the load average printed with them.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import statistics
 import subprocess
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent import keys, stream
+from azaion_loader_dev.harness.measure import file_digest, write_random_file
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
@@ -81,21 +81,6 @@ def measured(command: list[str], env: dict[str, str], cwd: Path) -> Run:
 
 def tree_env(tree: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(tree)}
-
-
-def write_random_file(path: Path, size: int) -> None:
-    block = os.urandom(16 * MIB)  # repeated: fine for AES, and fast to write
-    with open(path, "wb") as file:
-        for offset in range(0, size, len(block)):
-            file.write(block[: min(len(block), size - offset)])
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(MIB):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_average() -> str:

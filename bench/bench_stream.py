@@ -25,7 +25,6 @@ Exit status 1 if a goal is missed. Not a test: the machine may be shared, so use
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import statistics
@@ -40,6 +39,7 @@ from typing import BinaryIO, cast
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from agent import stream
+from azaion_loader_dev.harness.measure import file_digest, write_random_file
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -325,21 +325,6 @@ def run_measured(python_args: list[str]) -> tuple[float, float]:
             raise SystemExit(f"{python_args[:3]} failed with status {completed.returncode}")
         seconds, peak_kib = report_file.read().split()[-2:]
     return float(seconds), int(peak_kib) / 1024
-
-
-def write_random_file(path: Path, size: int) -> None:
-    block = os.urandom(16 * MIB)  # repeated: fine for AES, and fast to write
-    with open(path, "wb") as file:
-        for offset in range(0, size, len(block)):
-            file.write(block[: min(len(block), size - offset)])
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(MIB):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def report(title: str, size: int, times: dict[str, list[float]]) -> None:

@@ -5,6 +5,7 @@ Light on purpose (no aiohttp, no docker): a benchmark's measured child process i
 
 from __future__ import annotations
 
+import hashlib
 import os
 import resource
 import time
@@ -85,3 +86,20 @@ def make_plaintext(path: Path, size: int) -> None:
         for index in range(-(-size // MIB)):
             block[:8] = index.to_bytes(8, "big")
             file.write(block[: min(MIB, size - index * MIB)])
+
+
+def write_random_file(path: Path, size: int) -> None:
+    """``size`` bytes of one random 16 MiB block, repeated: fine for AES, and fast to write."""
+    block = os.urandom(16 * MIB)
+    with open(path, "wb") as file:
+        for offset in range(0, size, len(block)):
+            file.write(block[: min(len(block), size - offset)])
+
+
+def file_digest(path: Path) -> str:
+    """The file's SHA-256, hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(MIB):
+            digest.update(block)
+    return digest.hexdigest()

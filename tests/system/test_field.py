@@ -16,7 +16,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,11 +24,9 @@ from typing import Any
 
 import pytest
 
-from agent.images import ImageEngine
-from agent.pack import pack_images
 from azaion_loader_dev.harness.agent import free_port, wait_for
 from tests.fixtures.devapi import DevApi
-from tests.fixtures.dockerd import Dockerd, import_image
+from tests.fixtures.dockerd import Dockerd
 from tests.system.conftest import build_deb
 from tests.system.machine import Machine, missing, native_arch, require
 from tests.system.test_system import (
@@ -37,6 +34,7 @@ from tests.system.test_system import (
     SOCKET,
     group_id,
     http_get,
+    published_archive,
     show,
     status_text,
     use_port,
@@ -206,19 +204,6 @@ def chroot_image(
     yield get
     for builder in builders:
         builder.destroy()
-
-
-def published_archive(dockerd: Dockerd, dev_api: DevApi, directory: Path) -> tuple[str, str, Path]:
-    """What a publisher makes: a one-image archive for dev-api's key fragment (the image is then
-    removed from the engine, so the unlock really loads it). Returns (ref, image id, archive)."""
-    ref = f"azaion/field-test-{time.time_ns() % 10**10}:1.0"
-    image_id = import_image(dockerd.client, ref)
-    archive = directory / "images.enc"
-    with ImageEngine.connect(dockerd.host) as engine:
-        pack_images(engine, [ref], archive, [dev_api.key_fragment])
-    dockerd.client.images.remove(image_id, force=True)
-    assert image_id not in dockerd.image_ids()
-    return ref, image_id, archive
 
 
 def provision(machine: Machine, dockerd: Dockerd, dev_api: DevApi, archive: Path) -> int:

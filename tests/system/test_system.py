@@ -412,16 +412,23 @@ def cred(name: str) -> str:
 # -- the unlock at boot, and the offline reboot -----------------------------------------------
 
 
-def test_unlocks_at_boot_then_ready_offline_after_reboot(
-    new_machine: NewMachine, dockerd: Dockerd, dev_api: DevApi, tmp_path: Path
-) -> None:
-    ref = f"azaion/system-test-{int(time.time() * 1000) % 10**8}:1.0"
+def published_archive(dockerd: Dockerd, dev_api: DevApi, directory: Path) -> tuple[str, str, Path]:
+    """What a publisher makes: a one-image archive for dev-api's key fragment (the image is then
+    removed from the engine, so the unlock really loads it). Returns (ref, image id, archive)."""
+    ref = f"azaion/system-test-{time.time_ns() % 10**10}:1.0"
     image_id = import_image(dockerd.client, ref)
-    archive = tmp_path / "images.enc"
+    archive = directory / "images.enc"
     with ImageEngine.connect(dockerd.host) as engine:
         pack_images(engine, [ref], archive, [dev_api.key_fragment])
     dockerd.client.images.remove(image_id, force=True)
     assert image_id not in dockerd.image_ids()
+    return ref, image_id, archive
+
+
+def test_unlocks_at_boot_then_ready_offline_after_reboot(
+    new_machine: NewMachine, dockerd: Dockerd, dev_api: DevApi, tmp_path: Path
+) -> None:
+    ref, image_id, archive = published_archive(dockerd, dev_api, tmp_path)
 
     machine = new_machine()
     use_port(machine, free_port())
