@@ -13,11 +13,14 @@ dockerd, each approach starting from an engine without the image:
                    ``/health``, before the clock starts, and stopped after
     (d) in-process (``--in-process``) the previous version's (c): ``UnlockManager`` run in this
                    process
+    (e) compare    (``--compare DIR``) as (c), with the agent of another checkout (a ``git
+                   worktree`` of the base commit: before and after, interleaved)
 
 Reports the median wall time of each over ``--runs`` interleaved runs, the ratio (c)/(a) against
 the goal (<= 1.05x; exit 1 when missed), (c)/(b) (goal < 1), the agent's own stage durations
 (``/metrics``: ``azaion_loader_unlock_stage_duration_seconds``), the loading stage's MB/s next to
-the CLI's, the bytes the agent wrote to storage during (c) (``write_bytes`` of its
+the CLI's, the agent's minor page faults during the unlock and its RSS and peak RSS after it
+(``/proc/PID/stat``, ``status``), the bytes it wrote to storage (``write_bytes`` of its
 ``/proc/PID/io``; goal: a few MB at most) next to (b)'s, and the load average.
 
 Why the previous version reported 0.985x where the issue measured 1.20-1.31x: its (a) was
@@ -34,8 +37,8 @@ is small; the bench process's large fragmented heap never trimmed. The Docker SD
 the fresh process is only ~0.07 s. Polling ``/unlock/status`` every 10 ms costs the agent a
 further ~0.07 s of its loading stage (GIL shared with the load's thread) against 250 ms polls.
 
-    .venv/bin/python bench/bench_unlock.py [--size-mb 320] [--runs 5] [--in-process]
-                                           [--keep-dir DIR]
+    .venv/bin/python bench/bench_unlock.py [--size-mb 320] [--runs 5] [--no-original]
+                  [--in-process] [--compare DIR] [--poll 0.01] [--keep-dir DIR]
 
 It starts its own dockerd (as the tests do) and its own dev-api; needs root and docker.io.
 """
@@ -49,6 +52,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -73,6 +77,11 @@ REF = "azaion/bench-app:1.0"
 GOAL = 1.05
 POLL = 0.01
 UNLOCK_DEADLINE = 600.0
+# ``--compare DIR``: that checkout's agent, started the way ``python -m agent serve`` starts.
+COMPARE_MAIN = (
+    "import sys; sys.path.insert(0, {!r}); sys.argv = ['agent', 'serve']; "
+    "from agent.cli import main; raise SystemExit(main())"
+)
 STAGE_METRIC = "azaion_loader_unlock_stage_duration_seconds"
 
 
@@ -85,9 +94,8 @@ class Bench:
         self.plain_tar = work / "plain.tar"
         self.archive = work / "images.enc"
         self.image_id = ""
-        self.unlock_writes: list[int] = []
+        self.agent_stats: dict[str, list[dict[str, float]]] = {}
         self.original_writes: list[int] = []
-        self.stages: list[dict[str, float]] = []
         self.poll = POLL
 
     def prepare(self, size: int) -> None:
@@ -132,7 +140,8 @@ class Bench:
         tar.unlink()
         self.original_writes.append(io_counters()["write_bytes"] - before)
 
-    def start_agent(self) -> AgentProcess:
+    def start_agent(self, checkout: Path | None = None) -> AgentProcess:
+        """A fresh agent of this checkout, or of ``checkout`` (``--compare``), serving."""
         root = short_tmpdir("ub-")
         (root / "run").mkdir()
         env = agent_env(
@@ -144,12 +153,16 @@ class Bench:
             AZAION_PASSWORD=self.api.password,
             LOADER_LOG_LEVEL="INFO",
         )
-        return AgentProcess(root, env).start()
+        agent = AgentProcess(root, env)
+        if checkout is not None:
+            agent.argv = [sys.executable, "-c", COMPARE_MAIN.format(str(checkout))]
+        return agent.start()
 
-    def unlock(self, agent: AgentProcess) -> float:
+    def unlock(self, agent: AgentProcess, name: str) -> float:
         """Time ``POST /unlock`` to ready on an agent that serves but has not unlocked."""
         assert agent.proc is not None
         before = io_counters(agent.proc.pid)["write_bytes"]
+        faults_before = minor_faults(agent.proc.pid)
         started = time.perf_counter()
         reply = agent.request("POST", "/unlock", {})
         if reply.status not in (200, 202):
@@ -163,8 +176,17 @@ class Bench:
                 raise SystemExit(f"unlock failed: {state}\n{agent.log()[-4000:]}")
             time.sleep(self.poll)
         elapsed = time.perf_counter() - started
-        self.unlock_writes.append(io_counters(agent.proc.pid)["write_bytes"] - before)
-        self.stages.append(stage_seconds(agent.request("GET", "/metrics").body.decode()))
+        stages = stage_seconds(agent.request("GET", "/metrics").body.decode())
+        memory = memory_mib(agent.proc.pid)
+        self.agent_stats.setdefault(name, []).append(
+            {
+                "loading_s": stages.get("loading", float("nan")),
+                "other_stages_s": sum(v for k, v in stages.items() if k != "loading"),
+                "minor_faults": minor_faults(agent.proc.pid) - faults_before,
+                "write_bytes": io_counters(agent.proc.pid)["write_bytes"] - before,
+                **memory,
+            }
+        )
         return elapsed
 
     def in_process(self) -> None:
@@ -181,6 +203,22 @@ class Bench:
         shutil.rmtree(state_dir)
         if snapshot["state"] != "ready":
             raise SystemExit(f"unlock failed: {snapshot['error']}")
+
+
+def minor_faults(pid: int) -> int:
+    """``minflt`` of ``/proc/PID/stat``: pages the process faulted in without I/O."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return int(fields[7])
+
+
+def memory_mib(pid: int) -> dict[str, float]:
+    """The process's current (``VmRSS``) and peak (``VmHWM``) resident memory, MiB."""
+    found = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            found[f"{key.lower()}_mib"] = round(int(value.split()[0]) / 1024, 1)
+    return found
 
 
 def stage_seconds(metrics: str) -> dict[str, float]:
@@ -213,6 +251,9 @@ def main() -> int:
     parser.add_argument("--no-original", action="store_true", help="skip (b)")
     parser.add_argument("--in-process", action="store_true", help="add (d), the old (c)")
     parser.add_argument("--poll", type=float, default=POLL, help="seconds between polls")
+    parser.add_argument(
+        "--compare", type=Path, help="add (e): the agent of another checkout (before/after)"
+    )
     parser.add_argument("--keep-dir", type=Path, help="work directory (default: a temp dir)")
     args = parser.parse_args()
 
@@ -231,14 +272,17 @@ def main() -> int:
             names.insert(1, "b_original")
         if args.in_process:
             names.append("d_in_process")
+        if args.compare:
+            names.append("e_compare")
         times: dict[str, list[float]] = {name: [] for name in names}
         for run in range(args.runs):
             for name in names:  # interleaved, so drift hits all alike
                 bench.remove_image()
-                if name == "c_unlock":
-                    agent = bench.start_agent()  # fresh process, serving; not on the clock
+                if name in ("c_unlock", "e_compare"):
+                    # A fresh process, serving; its start is not on the clock.
+                    agent = bench.start_agent(args.compare if name == "e_compare" else None)
                     try:
-                        times[name].append(bench.unlock(agent))
+                        times[name].append(bench.unlock(agent, name))
                     finally:
                         agent.stop()
                         shutil.rmtree(agent.root, ignore_errors=True)
@@ -251,39 +295,35 @@ def main() -> int:
             print(
                 f"run {run + 1}: "
                 + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items())
-                + f" | agent stages {bench.stages[-1]}",
+                + f" | agent {bench.agent_stats['c_unlock'][-1]}",
                 flush=True,
             )
         medians = {name: statistics.median(values) for name, values in times.items()}
-        loading = statistics.median(stage.get("loading", float("nan")) for stage in bench.stages)
-        others = statistics.median(
-            sum(v for k, v in stage.items() if k != "loading") for stage in bench.stages
-        )
         ratio = medians["c_unlock"] / medians["a_cli"]
         report: dict[str, object] = {
             "size_mb": args.size_mb,
             "plain_tar_mb": round(plain_size / MB, 1),
             "runs": args.runs,
+            "poll_s": args.poll,
             "median_s": {name: round(value, 3) for name, value in medians.items()},
             "ratio_unlock_over_cli": round(ratio, 3),
             "goal": f"<= {GOAL}",
-            "agent_loading_stage_median_s": round(loading, 3),
-            "agent_other_stages_median_s": round(others, 3),
             "cli_mb_per_s": round(plain_size / MB / medians["a_cli"], 1),
-            "agent_loading_mb_per_s": round(plain_size / MB / loading, 1),
-            "unlock_write_bytes_median": statistics.median(bench.unlock_writes),
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
         }
+        for name, stats in bench.agent_stats.items():  # the agent's own figures, medians
+            agent_medians = {key: statistics.median(s[key] for s in stats) for key in stats[0]}
+            agent_medians["loading_mb_per_s"] = plain_size / MB / agent_medians["loading_s"]
+            report[f"{name}_agent"] = {k: round(v, 3) for k, v in agent_medians.items()}
         if "b_original" in medians:
             report["ratio_unlock_over_original"] = round(
                 medians["c_unlock"] / medians["b_original"], 3
             )
             report["original_write_bytes_median"] = statistics.median(bench.original_writes)
-        if "d_in_process" in medians:
-            report["ratio_in_process_over_cli"] = round(
-                medians["d_in_process"] / medians["a_cli"], 3
-            )
+        for name in ("d_in_process", "e_compare"):
+            if name in medians:
+                report[f"ratio_{name}_over_cli"] = round(medians[name] / medians["a_cli"], 3)
         print(json.dumps(report, indent=2))
         met = ratio <= GOAL
         verdict = "met" if met else "MISSED"
