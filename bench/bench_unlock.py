@@ -34,8 +34,9 @@ thresholds pinned (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``), which
 to the warm figure: glibc hands the heap's top back to the kernel (trim) after each piece is
 freed and faults fresh zeroed pages in for the next, every 64 KiB, in a new process whose heap
 is small; the bench process's large fragmented heap never trimmed. The Docker SDK's import in
-the fresh process is only ~0.07 s. Polling ``/unlock/status`` every 10 ms costs the agent a
-further ~0.07 s of its loading stage (GIL shared with the load's thread) against 250 ms polls.
+the fresh process is only ~0.07 s. The bench's own 10 ms polls of ``/unlock/status`` share
+the agent's GIL with the load; their cost is within the noise here (loading 2.23 s with 10 ms
+polls, 2.16 s with 250 ms ones, on different runs).
 
     .venv/bin/python bench/bench_unlock.py [--size-mb 320] [--runs 5] [--no-original]
                   [--in-process] [--compare DIR] [--poll 0.01] [--keep-dir DIR]
