@@ -30,13 +30,13 @@ Measured (320 MB, 2 cores, load average 2.5-4): ``load_archive`` alone takes 1.7
 that warm process (0.95x the CLI) and 2.02-2.09 s in a freshly started ``python`` doing only
 that; the agent's loading stage is 2.13-2.23 s. The fresh process takes ~148,000 minor page
 faults and ~0.3 s of system time during the load, ~10,000 and ~0.08 s with glibc's malloc
-thresholds pinned (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``), which brings it back
-to the warm figure: glibc hands the heap's top back to the kernel (trim) after each piece is
-freed and faults fresh zeroed pages in for the next, every 64 KiB, in a new process whose heap
-is small; the bench process's large fragmented heap never trimmed. The Docker SDK's import in
-the fresh process is only ~0.07 s. The bench's own 10 ms polls of ``/unlock/status`` share
-the agent's GIL with the load; their cost is within the noise here (loading 2.23 s with 10 ms
-polls, 2.16 s with 250 ms ones, on different runs).
+thresholds pinned (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``), which brings it
+close to the warm figure (1.73-1.90 s): glibc hands the heap's top back to the kernel (trim)
+after each piece is freed and faults fresh zeroed pages in for the next, every 64 KiB, in a new
+process whose heap is small; the bench process's large fragmented heap never trimmed. The
+Docker SDK's import in the fresh process is only ~0.07 s. The bench's own 10 ms polls of
+``/unlock/status`` share the agent's GIL with the load; their cost is within the noise here
+(loading 2.23 s with 10 ms polls, 2.16 s with 250 ms ones, on different runs).
 
     .venv/bin/python bench/bench_unlock.py [--size-mb 320] [--runs 5] [--no-original]
                   [--in-process] [--compare DIR] [--poll 0.01] [--keep-dir DIR]
