@@ -1,18 +1,45 @@
-"""Benchmark: the unlock against plain ``docker load`` and against the original approach.
+"""Benchmark: the unlock (``POST /unlock`` on a freshly started agent) against ``docker load -i``.
 
-Same run, same image (an incompressible layer, ``--size-mb``, default 320 MB), each approach
-starting from an engine without the image:
+Same run, same image (an incompressible layer, ``--size-mb``, default 320 MB), same private
+dockerd, each approach starting from an engine without the image:
 
-    (a) plain      ``docker load -i plain.tar`` (the floor: no crypto at all)
-    (b) original   decrypt the archive to a tar file, ``docker load -i`` it, delete it
-    (c) unlock     ``UnlockManager`` (log in to dev-api, fetch the key, decrypt straight into
-                   the engine's image load; no tar on disk)
+    (a) cli        ``docker -H unix://<socket> load -q -i plain.tar``: the docker CLI as a
+                   subprocess, timed whole (the issue's baseline; no crypto at all)
+    (b) original   decrypt the archive to a tar file, ``docker load -i`` it (CLI), delete it
+    (c) unlock     a freshly started agent (``python -m agent serve``, DOCKER_HOST at the bench's
+                   dockerd, IMAGES_PATH at the archive, credentials for the bench's dev-api,
+                   an empty state dir), timed from ``POST /unlock`` until ``/unlock/status``
+                   says ready (polled every 10 ms); the agent is started, and answering
+                   ``/health``, before the clock starts, and stopped after
+    (d) in-process (``--in-process``) the previous version's (c): ``UnlockManager`` run in this
+                   process
+    (e) compare    (``--compare DIR``) as (c), with the agent of another checkout (a ``git
+                   worktree`` of the base commit: before and after, interleaved)
 
-Reports the median wall time of each over ``--runs`` interleaved runs, the ratios (c)/(a)
-(goal <= 1.10) and (c)/(b) (goal < 1), and the bytes this process wrote to storage during (c)
-(``write_bytes`` of ``/proc/self/io``; goal: a few MB at most) next to (b)'s.
+Reports the median wall time of each over ``--runs`` interleaved runs, the ratio (c)/(a) against
+the goal (<= 1.05x; exit 1 when missed), (c)/(b) (goal < 1), the agent's own stage durations
+(``/metrics``: ``azaion_loader_unlock_stage_duration_seconds``), the loading stage's MB/s next to
+the CLI's, the agent's minor page faults during the unlock and its RSS and peak RSS after it
+(``/proc/PID/stat``, ``status``), the bytes it wrote to storage (``write_bytes`` of its
+``/proc/PID/io``; goal: a few MB at most) next to (b)'s, and the load average.
 
-    .venv/bin/python bench/bench_unlock.py [--size-mb 320] [--runs 5] [--keep-dir DIR]
+Why the previous version reported 0.985x where the issue measured 1.20-1.31x: its (a) was
+already the CLI; its (c) was not a fresh agent but ``UnlockManager`` inside the bench process,
+a process that had already built, saved and packed the image and loaded it in earlier runs.
+Measured (320 MB, 2 cores, load average 2.5-4): ``load_archive`` alone takes 1.73-1.75 s in
+that warm process (0.95x the CLI) and 2.02-2.09 s in a freshly started ``python`` doing only
+that; the agent's loading stage is 2.13-2.23 s. The fresh process takes ~148,000 minor page
+faults and ~0.3 s of system time during the load, ~10,000 and ~0.08 s with glibc's malloc
+thresholds pinned (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``), which brings it
+close to the warm figure (1.73-1.90 s): glibc hands the heap's top back to the kernel (trim)
+after each piece is freed and faults fresh zeroed pages in for the next, every 64 KiB, in a new
+process whose heap is small; the bench process's large fragmented heap never trimmed. The
+Docker SDK's import in the fresh process is only ~0.07 s. The bench's own 10 ms polls of
+``/unlock/status`` share the agent's GIL with the load; their cost is within the noise here
+(loading 2.23 s with 10 ms polls, 2.16 s with 250 ms ones, on different runs).
+
+    .venv/bin/python bench/bench_unlock.py [--size-mb 320] [--runs 5] [--no-original]
+                  [--in-process] [--compare DIR] [--poll 0.01] [--keep-dir DIR]
 
 It starts its own dockerd (as the tests do) and its own dev-api; needs root and docker.io.
 """
@@ -22,9 +49,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -39,12 +68,22 @@ from agent.service import resource_api_client
 from agent.settings import Settings
 from agent.stream import decrypt_iter
 from agent.unlock import READ_SIZE, UnlockManager
+from azaion_loader_dev.harness.agent import AgentProcess, agent_env, short_tmpdir
 from azaion_loader_dev.harness.devapi import DevApi, new_dev_api
 from azaion_loader_dev.harness.dockerd import DockerDaemon, import_big_image
 from azaion_loader_dev.harness.measure import io_counters
 
 MB = 1000 * 1000
 REF = "azaion/bench-app:1.0"
+GOAL = 1.05
+POLL = 0.01
+UNLOCK_DEADLINE = 600.0
+# ``--compare DIR``: that checkout's agent, started the way ``python -m agent serve`` starts.
+COMPARE_MAIN = (
+    "import sys; sys.path.insert(0, {!r}); sys.argv = ['agent', 'serve']; "
+    "from agent.cli import main; raise SystemExit(main())"
+)
+STAGE_METRIC = "azaion_loader_unlock_stage_duration_seconds"
 
 
 class Bench:
@@ -56,8 +95,9 @@ class Bench:
         self.plain_tar = work / "plain.tar"
         self.archive = work / "images.enc"
         self.image_id = ""
-        self.unlock_writes: list[int] = []
+        self.agent_stats: dict[str, list[dict[str, float]]] = {}
         self.original_writes: list[int] = []
+        self.poll = POLL
 
     def prepare(self, size: int) -> None:
         print(f"building a {size / MB:.0f} MB image ...", flush=True)
@@ -75,6 +115,8 @@ class Bench:
 
     def remove_image(self) -> None:
         self.client.images.remove(self.image_id, force=True)
+        if self.image_id in {image.id for image in self.client.images.list(all=True)}:
+            raise SystemExit("the image is still in the engine after its removal")
 
     def docker_load(self, tar: Path) -> None:
         subprocess.run(
@@ -83,7 +125,7 @@ class Bench:
             stdout=subprocess.DEVNULL,
         )
 
-    def plain(self) -> None:
+    def cli(self) -> None:
         self.docker_load(self.plain_tar)
 
     def original(self) -> None:
@@ -99,7 +141,56 @@ class Bench:
         tar.unlink()
         self.original_writes.append(io_counters()["write_bytes"] - before)
 
-    def unlock(self) -> None:
+    def start_agent(self, checkout: Path | None = None) -> AgentProcess:
+        """A fresh agent of this checkout, or of ``checkout`` (``--compare``), serving."""
+        root = short_tmpdir("ub-")
+        (root / "run").mkdir()
+        env = agent_env(
+            root,
+            DOCKER_HOST=self.daemon.host,
+            IMAGES_PATH=str(self.archive),
+            RESOURCE_API_URL=self.api.url,
+            AZAION_EMAIL=self.api.email,
+            AZAION_PASSWORD=self.api.password,
+            LOADER_LOG_LEVEL="INFO",
+        )
+        agent = AgentProcess(root, env)
+        if checkout is not None:
+            agent.argv = [sys.executable, "-c", COMPARE_MAIN.format(str(checkout))]
+        return agent.start()
+
+    def unlock(self, agent: AgentProcess, name: str) -> float:
+        """Time ``POST /unlock`` to ready on an agent that serves but has not unlocked."""
+        assert agent.proc is not None
+        before = io_counters(agent.proc.pid)["write_bytes"]
+        faults_before = minor_faults(agent.proc.pid)
+        started = time.perf_counter()
+        reply = agent.request("POST", "/unlock", {})
+        if reply.status not in (200, 202):
+            raise SystemExit(f"POST /unlock: {reply.status} {reply.body!r}")
+        deadline = started + UNLOCK_DEADLINE
+        while True:
+            state = agent.request("GET", "/unlock/status").json()
+            if state["state"] == "ready":
+                break
+            if state["state"] == "error" or time.perf_counter() > deadline:
+                raise SystemExit(f"unlock failed: {state}\n{agent.log()[-4000:]}")
+            time.sleep(self.poll)
+        elapsed = time.perf_counter() - started
+        stages = stage_seconds(agent.request("GET", "/metrics").body.decode())
+        memory = memory_mib(agent.proc.pid)
+        self.agent_stats.setdefault(name, []).append(
+            {
+                "loading_s": stages.get("loading", float("nan")),
+                "other_stages_s": sum(v for k, v in stages.items() if k != "loading"),
+                "minor_faults": minor_faults(agent.proc.pid) - faults_before,
+                "write_bytes": io_counters(agent.proc.pid)["write_bytes"] - before,
+                **memory,
+            }
+        )
+        return elapsed
+
+    def in_process(self) -> None:
         state_dir = Path(tempfile.mkdtemp(dir=self.work, prefix="state"))
         settings = Settings(
             images_path=self.archive,
@@ -109,12 +200,36 @@ class Bench:
             azaion_email=self.api.email,
             azaion_password=SecretStr(self.api.password),
         )
-        before = io_counters()["write_bytes"]
         snapshot = asyncio.run(run_unlock(settings))
-        self.unlock_writes.append(io_counters()["write_bytes"] - before)
         shutil.rmtree(state_dir)
         if snapshot["state"] != "ready":
             raise SystemExit(f"unlock failed: {snapshot['error']}")
+
+
+def minor_faults(pid: int) -> int:
+    """``minflt`` of ``/proc/PID/stat``: pages the process faulted in without I/O."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return int(fields[7])
+
+
+def memory_mib(pid: int) -> dict[str, float]:
+    """The process's current (``VmRSS``) and peak (``VmHWM``) resident memory, MiB."""
+    found = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            found[f"{key.lower()}_mib"] = round(int(value.split()[0]) / 1024, 1)
+    return found
+
+
+def stage_seconds(metrics: str) -> dict[str, float]:
+    """``{stage: seconds}`` from the agent's ``/metrics`` text."""
+    stages = {}
+    for line in metrics.splitlines():
+        if line.startswith(STAGE_METRIC + "{"):
+            labels, _, value = line.rpartition(" ")
+            stages[labels.split('"')[1]] = float(value)
+    return stages
 
 
 async def run_unlock(settings: Settings) -> dict[str, object]:
@@ -134,6 +249,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mb", type=int, default=320)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--no-original", action="store_true", help="skip (b)")
+    parser.add_argument("--in-process", action="store_true", help="add (d), the old (c)")
+    parser.add_argument("--poll", type=float, default=POLL, help="seconds between polls")
+    parser.add_argument(
+        "--compare", type=Path, help="add (e): the agent of another checkout (before/after)"
+    )
     parser.add_argument("--keep-dir", type=Path, help="work directory (default: a temp dir)")
     args = parser.parse_args()
 
@@ -141,33 +262,79 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     daemon = DockerDaemon.start_new()
     api = new_dev_api(work / "dev-api", [])
+    load_before = os.getloadavg()
     try:
         bench = Bench(daemon, api, work)
+        bench.poll = args.poll
         bench.prepare(args.size_mb * MB)
-        methods = {"a_plain": bench.plain, "b_original": bench.original, "c_unlock": bench.unlock}
-        times: dict[str, list[float]] = {name: [] for name in methods}
+        plain_size = bench.plain_tar.stat().st_size
+        names = ["a_cli", "c_unlock"]
+        if not args.no_original:
+            names.insert(1, "b_original")
+        if args.in_process:
+            names.append("d_in_process")
+        if args.compare:
+            names.append("e_compare")
+        times: dict[str, list[float]] = {name: [] for name in names}
         for run in range(args.runs):
-            for name, method in methods.items():  # interleaved, so drift hits all alike
+            for name in names:  # interleaved, so drift hits all alike
                 bench.remove_image()
-                times[name].append(timed(method))
-            print(f"run {run + 1}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()))
+                if name in ("c_unlock", "e_compare"):
+                    # A fresh process, serving; its start is not on the clock.
+                    agent = bench.start_agent(args.compare if name == "e_compare" else None)
+                    try:
+                        times[name].append(bench.unlock(agent, name))
+                    finally:
+                        agent.stop()
+                        shutil.rmtree(agent.root, ignore_errors=True)
+                elif name == "a_cli":
+                    times[name].append(timed(bench.cli))
+                elif name == "b_original":
+                    times[name].append(timed(bench.original))
+                else:
+                    times[name].append(timed(bench.in_process))
+            print(
+                f"run {run + 1}: "
+                + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items())
+                + f" | agent {bench.agent_stats['c_unlock'][-1]}",
+                flush=True,
+            )
         medians = {name: statistics.median(values) for name, values in times.items()}
-        report = {
+        ratio = medians["c_unlock"] / medians["a_cli"]
+        report: dict[str, object] = {
             "size_mb": args.size_mb,
+            "plain_tar_mb": round(plain_size / MB, 1),
             "runs": args.runs,
+            "poll_s": args.poll,
             "median_s": {name: round(value, 3) for name, value in medians.items()},
-            "ratio_c_over_a": round(medians["c_unlock"] / medians["a_plain"], 3),
-            "ratio_c_over_b": round(medians["c_unlock"] / medians["b_original"], 3),
-            "unlock_write_bytes_median": statistics.median(bench.unlock_writes),
-            "original_write_bytes_median": statistics.median(bench.original_writes),
+            "ratio_unlock_over_cli": round(ratio, 3),
+            "goal": f"<= {GOAL}",
+            "cli_mb_per_s": round(plain_size / MB / medians["a_cli"], 1),
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
         }
+        for name, stats in bench.agent_stats.items():  # the agent's own figures, medians
+            agent_medians = {key: statistics.median(s[key] for s in stats) for key in stats[0]}
+            agent_medians["loading_mb_per_s"] = plain_size / MB / agent_medians["loading_s"]
+            report[f"{name}_agent"] = {k: round(v, 3) for k, v in agent_medians.items()}
+        if "b_original" in medians:
+            report["ratio_unlock_over_original"] = round(
+                medians["c_unlock"] / medians["b_original"], 3
+            )
+            report["original_write_bytes_median"] = statistics.median(bench.original_writes)
+        for name in ("d_in_process", "e_compare"):
+            if name in medians:
+                report[f"ratio_{name}_over_cli"] = round(medians[name] / medians["a_cli"], 3)
         print(json.dumps(report, indent=2))
+        met = ratio <= GOAL
+        verdict = "met" if met else "MISSED"
+        print(f"unlock / docker load -i (CLI) = {ratio:.3f}x: goal <= {GOAL}x {verdict}")
     finally:
         api.stop()
         daemon.destroy()
         if args.keep_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return 0 if met else 1
 
 
 if __name__ == "__main__":
