@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.agent import REPO, AgentProcess
-from tests.fixtures.archive import publish, serve_fragment
+from tests.fixtures.archive import publish, serve_fragment, unlock_settings
 from tests.fixtures.devapi import DevApi
 from tests.fixtures.dockerd import Dockerd, import_image
 from tests.test_notify import NotifyListener
@@ -45,12 +45,7 @@ def test_boot_unlock_status_and_offline_restart(
     notify = NotifyListener(agent_root / "notify.sock")
     agent = make_agent(
         start=False,
-        RESOURCE_API_URL=dev_api.url,
-        IMAGES_PATH=str(archive),
-        DOCKER_HOST=dockerd.host,
-        LOADER_AUTO_UNLOCK="true",
-        AZAION_EMAIL=dev_api.email,
-        AZAION_PASSWORD=dev_api.password,
+        **unlock_settings(dockerd, dev_api, archive),
         NOTIFY_SOCKET=str(notify.path),
     )
     agent.start(wait=False)

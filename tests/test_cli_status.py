@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures.agent import REPO, AgentProcess, wait_for
-from tests.fixtures.archive import publish
+from tests.fixtures.archive import publish, unlock_settings
 from tests.fixtures.devapi import DevApi
 from tests.fixtures.dockerd import Dockerd, import_image
 
@@ -136,14 +136,7 @@ def test_ready_images_exit_0(
 ) -> None:
     ref = f"azaion/status-{secrets.token_hex(4)}:1.0"
     archive = publish(dockerd, dev_api, ref, import_image(dockerd.client, ref), agent_root)
-    agent = make_agent(
-        RESOURCE_API_URL=dev_api.url,
-        IMAGES_PATH=str(archive),
-        DOCKER_HOST=dockerd.host,
-        LOADER_AUTO_UNLOCK="true",
-        AZAION_EMAIL=dev_api.email,
-        AZAION_PASSWORD=dev_api.password,
-    )
+    agent = make_agent(**unlock_settings(dockerd, dev_api, archive))
     waited = agent.cli("unlock", "--wait")
     assert waited.returncode == 0, waited.stderr + agent.log()
     assert_settled_status(agent, READY, "ready")

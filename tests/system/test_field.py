@@ -32,12 +32,13 @@ from tests.system.machine import Machine, missing, native_arch, require
 from tests.system.test_system import (
     AGENT,
     SOCKET,
-    group_id,
+    assert_unlocked,
     http_get,
+    provision,
     published_archive,
     show,
-    status_text,
     use_port,
+    wait_ready,
     wait_running,
 )
 from tests.vectors import generate
@@ -47,10 +48,7 @@ pytestmark = pytest.mark.system
 NewMachine = Callable[..., Machine]
 REPO = Path(__file__).resolve().parents[2]
 VECTORS = REPO / "tests" / "vectors"
-API_VERSION = "v-field"
-UNLOCK_TIMEOUT = 120.0
 # The agent's STATUS= once the archive (one image in every test here) is unlocked.
-READY = "ready: 1 image loaded"
 # Emulated arm64 is 5 to 10 times slower: building the environment, starting Python.
 EMULATED_INSTALL_TIMEOUT = 900.0
 EMULATED_TIMEOUT = 300.0
@@ -204,46 +202,6 @@ def chroot_image(
     yield get
     for builder in builders:
         builder.destroy()
-
-
-def provision(machine: Machine, dockerd: Dockerd, dev_api: DevApi, archive: Path) -> int:
-    """What the image builder puts on a device before its first boot: the archive, the
-    credentials, the settings; plus the test's engine at Docker's default path and a free
-    loopback port. Returns the port."""
-    machine.write("/opt/azaion/images.enc", archive.read_bytes())
-    machine.write("/etc/azaion-loader/credentials/email", dev_api.email, mode=0o600)
-    machine.write("/etc/azaion-loader/credentials/password", dev_api.password, mode=0o600)
-    machine.write(
-        "/etc/azaion-loader/loader.env",
-        f"RESOURCE_API_URL={dev_api.url}\nAPI_VERSION={API_VERSION}\n",
-    )
-    share_engine(machine, dockerd)
-    port = free_port()
-    use_port(machine, port)
-    return port
-
-
-def share_engine(machine: Machine, dockerd: Dockerd) -> None:
-    """The test's engine stands in for the device's: its socket, owned by the machine's docker
-    group (as docker.io would make it), at Docker's default path."""
-    socket_path = dockerd.daemon.socket_path
-    shutil.chown(socket_path, group=group_id(machine, "docker"))
-    machine.bind(socket_path, "/run/docker.sock")
-
-
-def wait_ready(machine: Machine, timeout: float = UNLOCK_TIMEOUT) -> str:
-    def ready() -> str | None:
-        text = status_text(machine)
-        if "error" in text:
-            raise AssertionError(f"unlock failed: {text}\n{machine.journal(AGENT)}")
-        return text if READY in text else None
-
-    return wait_for(ready, timeout, "the agent to report its images ready")
-
-
-def assert_unlocked(dockerd: Dockerd, ref: str, image_id: str) -> None:
-    assert image_id in dockerd.image_ids()
-    assert str(dockerd.client.images.get(f"{ref.split(':')[0]}:{API_VERSION}").id) == image_id
 
 
 def agent_python(machine: Machine) -> str:

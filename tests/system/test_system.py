@@ -41,6 +41,7 @@ MAX_EXPOSURE = 2.0
 # The unit's 30 s watchdog, shortened for the test by a drop-in.
 TEST_WATCHDOG = "2s"
 API_VERSION = "v-system"
+READY = "ready: 1 image loaded"
 
 NewMachine = Callable[..., Machine]
 
@@ -425,13 +426,10 @@ def published_archive(dockerd: Dockerd, dev_api: DevApi, directory: Path) -> tup
     return ref, image_id, archive
 
 
-def test_unlocks_at_boot_then_ready_offline_after_reboot(
-    new_machine: NewMachine, dockerd: Dockerd, dev_api: DevApi, tmp_path: Path
-) -> None:
-    ref, image_id, archive = published_archive(dockerd, dev_api, tmp_path)
-
-    machine = new_machine()
-    use_port(machine, free_port())
+def provision(machine: Machine, dockerd: Dockerd, dev_api: DevApi, archive: Path) -> int:
+    """What the image builder puts on a device before its first boot: the archive, the
+    credentials, the settings; plus the test's engine at Docker's default path and a free
+    loopback port. Returns the port."""
     machine.write("/opt/azaion/images.enc", archive.read_bytes())
     machine.write("/etc/azaion-loader/credentials/email", dev_api.email, mode=0o600)
     machine.write("/etc/azaion-loader/credentials/password", dev_api.password, mode=0o600)
@@ -439,24 +437,47 @@ def test_unlocks_at_boot_then_ready_offline_after_reboot(
         "/etc/azaion-loader/loader.env",
         f"RESOURCE_API_URL={dev_api.url}\nAPI_VERSION={API_VERSION}\n",
     )
-    # The test's own engine stands in for the device's: its socket, owned by the machine's
-    # docker group (as docker.io would make it), at Docker's default path.
-    dockerd_socket = dockerd.daemon.socket_path
-    shutil.chown(dockerd_socket, group=group_id(machine, "docker"))
-    machine.bind(dockerd_socket, "/run/docker.sock")
+    share_engine(machine, dockerd)
+    port = free_port()
+    use_port(machine, port)
+    return port
 
-    machine.boot()
-    wait_running(machine)
 
-    def ready() -> bool:
+def share_engine(machine: Machine, dockerd: Dockerd) -> None:
+    """The test's engine stands in for the device's: its socket, owned by the machine's docker
+    group (as docker.io would make it), at Docker's default path."""
+    socket_path = dockerd.daemon.socket_path
+    shutil.chown(socket_path, group=group_id(machine, "docker"))
+    machine.bind(socket_path, "/run/docker.sock")
+
+
+def wait_ready(machine: Machine, timeout: float = UNLOCK_TIMEOUT) -> str:
+    def ready() -> str | None:
         text = status_text(machine)
         if "error" in text:
             raise AssertionError(f"unlock failed: {text}\n{machine.journal(AGENT)}")
-        return "ready" in text
+        return text if READY in text else None
 
-    wait_for(ready, UNLOCK_TIMEOUT, "the unlock at boot")
+    return wait_for(ready, timeout, "the agent to report its images ready")
+
+
+def assert_unlocked(dockerd: Dockerd, ref: str, image_id: str) -> None:
     assert image_id in dockerd.image_ids()
     assert str(dockerd.client.images.get(f"{ref.split(':')[0]}:{API_VERSION}").id) == image_id
+
+
+def test_unlocks_at_boot_then_ready_offline_after_reboot(
+    new_machine: NewMachine, dockerd: Dockerd, dev_api: DevApi, tmp_path: Path
+) -> None:
+    ref, image_id, archive = published_archive(dockerd, dev_api, tmp_path)
+
+    machine = new_machine()
+    provision(machine, dockerd, dev_api, archive)
+
+    machine.boot()
+    wait_running(machine)
+    wait_ready(machine)
+    assert_unlocked(dockerd, ref, image_id)
     status = machine.run(["systemctl", "status", "--no-pager", AGENT], check=False).stdout
     assert "ready: 1 image loaded" in status, status
     cli = machine.run(["azaion-loader", "status"]).stdout
@@ -468,7 +489,7 @@ def test_unlocks_at_boot_then_ready_offline_after_reboot(
     machine.reboot()
 
     wait_running(machine)
-    wait_for(ready, START_TIMEOUT, "ready again from the state, offline")
+    wait_ready(machine, START_TIMEOUT)
     assert "ready: 1 image loaded" in status_text(machine)
 
 
