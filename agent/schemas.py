@@ -21,7 +21,14 @@ NAME_PATTERN = r"[A-Za-z0-9](?:\.?[A-Za-z0-9_+-])*\.?"
 _NAME = f"^{NAME_PATTERN}$"
 
 
-class _Request(BaseModel):
+class _Model(BaseModel):
+    """Built on first use, not at import: ``serve`` reaches READY=1 without paying for the
+    models no request has needed yet (see ``agent.service``)."""
+
+    model_config = ConfigDict(defer_build=True)
+
+
+class _Request(_Model):
     model_config = ConfigDict(extra="forbid", str_max_length=MAX_FIELD)
 
 
@@ -69,7 +76,7 @@ class LoadRequest(_Request):
     )
 
 
-class HealthResponse(BaseModel):
+class HealthResponse(_Model):
     status: Literal["healthy"]
 
 
@@ -87,14 +94,14 @@ class UnlockState(StrEnum):
     ERROR = "error"
 
 
-class UnlockProgress(BaseModel):
+class UnlockProgress(_Model):
     stage: UnlockState
     bytes_done: int
     bytes_total: int
     percent: float
 
 
-class UnlockStatus(BaseModel):
+class UnlockStatus(_Model):
     """``/unlock/status``, and the ``unlock`` of ``/status``: made by ``UnlockManager``."""
 
     state: UnlockState
@@ -107,7 +114,7 @@ class UnlockStatus(BaseModel):
     images: int | None = None
 
 
-class ReadyResponse(BaseModel):
+class ReadyResponse(_Model):
     """``GET /ready``: 200 when the images are unlocked, 503 otherwise."""
 
     ready: bool
@@ -115,7 +122,7 @@ class ReadyResponse(BaseModel):
     message: str | None
 
 
-class StatusResponse(BaseModel):
+class StatusResponse(_Model):
     status: Literal["healthy"]
     version: str
     authenticated: bool
@@ -123,12 +130,12 @@ class StatusResponse(BaseModel):
     unlock: UnlockStatus
 
 
-class LoginResponse(BaseModel):
+class LoginResponse(_Model):
     status: Literal["ok"]
     verified: bool = Field(description="false when the Resource API could not be reached")
 
 
-class UploadResult(BaseModel):
+class UploadResult(_Model):
     """What an upload stored (``ResourceStore.upload``)."""
 
     folder: str
@@ -143,6 +150,6 @@ class UploadResponse(UploadResult):
     status: Literal["ok"]
 
 
-class ErrorResponse(BaseModel):
+class ErrorResponse(_Model):
     error: str = Field(description="short machine-readable code")
     message: str = Field(description="a human sentence")

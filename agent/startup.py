@@ -1,0 +1,73 @@
+"""What ``serve`` puts off until it is serving: garbage collection, and the CA certificates of
+the TLS contexts made while its modules are imported.
+
+Measured on the way to READY=1 (``bench/bench_startup.py``, ``python -X importtime``, gc
+callbacks), two costs were neither imports nor serving:
+
+- The cyclic garbage collector: importing ~500 modules allocates a great deal and frees almost
+  nothing, so its passes (one a full one) found a few hundred objects for ~40 ms of CPU.
+  ``serve`` turns it off from its first line (``hold_collection``); once the listeners are
+  open, ``serving`` moves everything start-up made into the permanent generation
+  (``gc.freeze()``, so later full passes do not walk it again) and turns collection back on.
+  What start-up left unreachable stays for the process's life: a few hundred small objects.
+- aiohttp builds its two default TLS contexts when imported, each loading the system's CA
+  bundle (~17 ms each, holding the GIL). ``ca_certificates_deferred`` records the contexts made
+  while it is open instead of loading their CA certificates, and ``serving`` loads them (the
+  same ``set_default_verify_paths``, on the same objects) right after READY=1, on the event
+  loop before it runs anything else: no request, no upstream call and no unlock can see a
+  context without its certificates. The first request after READY=1 may wait for it.
+
+Neither does anything outside ``serve`` (``agent.cli.local``): tests and other commands that
+import the agent get the libraries' usual behaviour.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import ssl
+from collections.abc import Iterator
+
+_pending: list[ssl.SSLContext] = []
+
+
+def hold_collection() -> None:
+    """No cyclic garbage collection until ``serving``."""
+    gc.disable()
+
+
+@contextlib.contextmanager
+def ca_certificates_deferred() -> Iterator[None]:
+    """While open, a context loading the default CA certificates records itself instead;
+    ``load_deferred_certificates`` loads them."""
+    name = "set_default_verify_paths"
+    own = vars(ssl.SSLContext).get(name)  # None: inherited from _ssl._SSLContext
+
+    def record(context: ssl.SSLContext) -> None:
+        _pending.append(context)
+
+    setattr(ssl.SSLContext, name, record)
+    try:
+        yield
+    finally:
+        if own is None:
+            delattr(ssl.SSLContext, name)
+        else:
+            setattr(ssl.SSLContext, name, own)
+
+
+def deferred_contexts() -> int:
+    """How many contexts still wait for their CA certificates."""
+    return len(_pending)
+
+
+def load_deferred_certificates() -> None:
+    while _pending:
+        _pending.pop().set_default_verify_paths()
+
+
+def collecting() -> None:
+    """Start-up's objects to the permanent generation; collection on again."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
