@@ -7,15 +7,16 @@ callbacks), two costs were neither imports nor serving:
 - The cyclic garbage collector: importing ~500 modules allocates a great deal and frees almost
   nothing, so its passes (one a full one) found a few hundred objects for ~40 ms of CPU.
   ``serve`` turns it off from its first line (``hold_collection``); once the listeners are
-  open, ``serving`` moves everything start-up made into the permanent generation
+  open, ``collecting`` moves everything start-up made into the permanent generation
   (``gc.freeze()``, so later full passes do not walk it again) and turns collection back on.
   What start-up left unreachable stays for the process's life: a few hundred small objects.
 - aiohttp builds its two default TLS contexts when imported, each loading the system's CA
-  bundle (~17 ms each, holding the GIL). ``ca_certificates_deferred`` records the contexts made
-  while it is open instead of loading their CA certificates, and ``serving`` loads them (the
-  same ``set_default_verify_paths``, on the same objects) right after READY=1, on the event
-  loop before it runs anything else: no request, no upstream call and no unlock can see a
-  context without its certificates. The first request after READY=1 may wait for it.
+  bundle (~17 ms each, holding the GIL), one of them for ``ssl=False``, which verifies nothing.
+  ``ca_certificates_deferred`` records the contexts made while it is open instead of loading
+  their CA certificates, and ``load_deferred_certificates`` loads them (the same
+  ``set_default_verify_paths``, on the same objects) right after READY=1, on the event loop
+  before it runs anything else: no request, no upstream call and no unlock can see a context
+  without its certificates. The first request after READY=1 may wait for it (~17 ms).
 
 Neither does anything outside ``serve`` (``agent.cli.local``): tests and other commands that
 import the agent get the libraries' usual behaviour.
@@ -32,7 +33,7 @@ _pending: list[ssl.SSLContext] = []
 
 
 def hold_collection() -> None:
-    """No cyclic garbage collection until ``serving``."""
+    """No cyclic garbage collection until ``collecting``."""
     gc.disable()
 
 
@@ -62,8 +63,12 @@ def deferred_contexts() -> int:
 
 
 def load_deferred_certificates() -> None:
+    """Load them; a context that verifies nothing (aiohttp's one for ``ssl=False``, which the
+    agent never asks for) would never read them and is left without."""
     while _pending:
-        _pending.pop().set_default_verify_paths()
+        context = _pending.pop()
+        if context.verify_mode != ssl.CERT_NONE:
+            context.set_default_verify_paths()
 
 
 def collecting() -> None:
