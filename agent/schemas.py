@@ -21,14 +21,7 @@ NAME_PATTERN = r"[A-Za-z0-9](?:\.?[A-Za-z0-9_+-])*\.?"
 _NAME = f"^{NAME_PATTERN}$"
 
 
-class _Model(BaseModel):
-    """Built on first use, not at import: ``serve`` reaches READY=1 without paying for the
-    models no request has needed yet (see ``agent.service``)."""
-
-    model_config = ConfigDict(defer_build=True)
-
-
-class _Request(_Model):
+class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", str_max_length=MAX_FIELD)
 
 
@@ -76,7 +69,7 @@ class LoadRequest(_Request):
     )
 
 
-class HealthResponse(_Model):
+class HealthResponse(BaseModel):
     status: Literal["healthy"]
 
 
@@ -94,14 +87,14 @@ class UnlockState(StrEnum):
     ERROR = "error"
 
 
-class UnlockProgress(_Model):
+class UnlockProgress(BaseModel):
     stage: UnlockState
     bytes_done: int
     bytes_total: int
     percent: float
 
 
-class UnlockStatus(_Model):
+class UnlockStatus(BaseModel):
     """``/unlock/status``, and the ``unlock`` of ``/status``: made by ``UnlockManager``."""
 
     state: UnlockState
@@ -114,7 +107,7 @@ class UnlockStatus(_Model):
     images: int | None = None
 
 
-class ReadyResponse(_Model):
+class ReadyResponse(BaseModel):
     """``GET /ready``: 200 when the images are unlocked, 503 otherwise."""
 
     ready: bool
@@ -122,7 +115,7 @@ class ReadyResponse(_Model):
     message: str | None
 
 
-class StatusResponse(_Model):
+class StatusResponse(BaseModel):
     status: Literal["healthy"]
     version: str
     authenticated: bool
@@ -130,12 +123,12 @@ class StatusResponse(_Model):
     unlock: UnlockStatus
 
 
-class LoginResponse(_Model):
+class LoginResponse(BaseModel):
     status: Literal["ok"]
     verified: bool = Field(description="false when the Resource API could not be reached")
 
 
-class UploadResult(_Model):
+class UploadResult(BaseModel):
     """What an upload stored (``ResourceStore.upload``)."""
 
     folder: str
@@ -150,6 +143,6 @@ class UploadResponse(UploadResult):
     status: Literal["ok"]
 
 
-class ErrorResponse(_Model):
+class ErrorResponse(BaseModel):
     error: str = Field(description="short machine-readable code")
     message: str = Field(description="a human sentence")
