@@ -144,7 +144,7 @@ async def serve(settings: Settings, environ: Mapping[str, str] | None = None) ->
         )
         startup.collecting()
         notifier.ready(serving_status(services.unlock))
-        startup.load_deferred_certificates()  # before anything can talk upstream
+        startup.load_deferred_certificates()  # this turn, before any upstream call: agent.startup
         await _auto_unlock(settings, services, notifier)
         await stop.wait()
         logger.info("stopping")

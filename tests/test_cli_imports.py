@@ -99,7 +99,7 @@ def test_serve_collects_no_garbage_until_serving_then_collects_again(tmp_path: P
     at_ready = json.loads(result.stdout)
     assert at_ready["full_collections"] == 0
     assert at_ready["gc_enabled"] is True
-    assert at_ready["frozen"] > 50_000  # start-up's objects (~87,000), not a handful
+    assert at_ready["frozen"] > 20_000  # start-up's objects (tens of thousands), not a handful
 
 
 @pytest.mark.parametrize("missing", ["docker", "requests"])
