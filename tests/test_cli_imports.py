@@ -1,8 +1,9 @@
 """What the command line imports, and when: each command pays only for what it uses.
 
 ``serve`` reaches READY=1 without the Docker SDK (the unlock imports it in a worker thread when
-it first talks to the engine), the socket client, the packer, the OpenAPI document or the
-development tools; a missing module it imports later still stops it at start with one line.
+it first talks to the engine), the metrics library, the socket client, the packer, the OpenAPI
+document or the development tools; a missing module it imports later still stops it at start
+with one line.
 Other commands do not import the agent's server, the format's cryptography or the development
 CLI unless they use them; ``dev-api`` still shows its real flags. Each case runs in a fresh
 interpreter (``sys.modules`` of this one holds whatever other tests imported).
@@ -55,6 +56,7 @@ NOT_BEFORE_READY = (
     "agent.pack",
     "agent.openapi",
     "azaion_loader_dev.cli",
+    "prometheus_client",  # the metrics' registry is made by the first request
 )
 
 
