@@ -15,6 +15,9 @@ apps, or test agents, in one process never mix their numbers. Two kinds of sourc
 
 Every label value is from a fixed set (route templates, outcome codes, retry causes, unlock
 states), never from what a caller or an upstream sent: the number of series stays bounded.
+
+prometheus_client is imported, and the registry made, on first use (the first request), not
+while ``serve`` starts: ~8 ms of CPU out of the way to READY=1 (``bench/bench_startup.py``).
 """
 
 from __future__ import annotations
@@ -23,15 +26,17 @@ import platform
 import time
 from collections import Counter as Tally
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from aiohttp import hdrs, web
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from agent import __version__
 from agent.routes import Handler, Services
 from agent.schemas import UnlockState
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+    from prometheus_client.core import Metric
 
 PREFIX = "azaion_loader"
 UNMATCHED = "unmatched"  # the route of a request that matched none (404, 405)
@@ -44,44 +49,35 @@ LATENCY_BUCKETS = (
 RESOURCE_OPERATIONS = ("load", "upload")
 
 
+# prometheus_client.CONTENT_TYPE_LATEST, without importing it (tests/test_metrics.py compares).
+CONTENT_TYPE_LATEST = "text/plain; version=1.0.0; charset=utf-8"
+
+
 class Metrics:
-    """One app's registry and what the HTTP layer records into it."""
+    """One app's registry and what the HTTP layer records into it (made on first use)."""
 
     def __init__(self, services: Services) -> None:
-        self.registry = CollectorRegistry()
-        info = Info(f"{PREFIX}_build", "The agent's version and Python", registry=self.registry)
-        info.info({"version": __version__, "python": platform.python_version()})
-        self._requests = Counter(
-            f"{PREFIX}_http_requests_total",
-            "Answered requests to the local API, by route template, method and status",
-            ["route", "method", "status"],
-            registry=self.registry,
-        )
-        self._latency = Histogram(
-            f"{PREFIX}_http_request_duration_seconds",
-            "Time from a request's arrival to the end of its answer (a /load's whole body)",
-            ["route", "method"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self._resource_operations = Counter(
-            f"{PREFIX}_resource_operations_total",
-            "Resource loads and uploads by outcome: ok, or the error code the caller got "
-            "(or client_gone)",
-            ["operation", "outcome"],
-            registry=self.registry,
-        )
-        for operation in RESOURCE_OPERATIONS:
-            self._resource_operations.labels(operation, "ok")
-        self.registry.register(ServicesCollector(services))
+        self._services = services
+        self._recorders: Recorders | None = None
+
+    def _made(self) -> Recorders:
+        if self._recorders is None:
+            self._recorders = Recorders(self._services)
+        return self._recorders
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self._made().registry
 
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format (``CONTENT_TYPE_LATEST``)."""
+        from prometheus_client import generate_latest
+
         return generate_latest(self.registry)
 
     def resource_operation(self, operation: str, outcome: str) -> None:
         """``outcome``: "ok" or a short error code from ``agent.server``'s fixed table."""
-        self._resource_operations.labels(operation, outcome).inc()
+        self._made().resource_operations.labels(operation, outcome).inc()
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -89,9 +85,44 @@ class Metrics:
         started = time.perf_counter()
         response = await handler(request)
         route, method = route_labels(request)
-        self._requests.labels(route, method, str(response.status)).inc()
-        self._latency.labels(route, method).observe(time.perf_counter() - started)
+        recorders = self._made()
+        recorders.requests.labels(route, method, str(response.status)).inc()
+        recorders.latency.labels(route, method).observe(time.perf_counter() - started)
         return response
+
+
+class Recorders:
+    """The registry and the metrics the HTTP layer records into."""
+
+    def __init__(self, services: Services) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+
+        self.registry = CollectorRegistry()
+        info = Info(f"{PREFIX}_build", "The agent's version and Python", registry=self.registry)
+        info.info({"version": __version__, "python": platform.python_version()})
+        self.requests: Counter = Counter(
+            f"{PREFIX}_http_requests_total",
+            "Answered requests to the local API, by route template, method and status",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency: Histogram = Histogram(
+            f"{PREFIX}_http_request_duration_seconds",
+            "Time from a request's arrival to the end of its answer (a /load's whole body)",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.resource_operations: Counter = Counter(
+            f"{PREFIX}_resource_operations_total",
+            "Resource loads and uploads by outcome: ok, or the error code the caller got "
+            "(or client_gone)",
+            ["operation", "outcome"],
+            registry=self.registry,
+        )
+        for operation in RESOURCE_OPERATIONS:
+            self.resource_operations.labels(operation, "ok")
+        self.registry.register(ServicesCollector(services))
 
 
 def route_labels(request: web.Request) -> tuple[str, str]:
@@ -107,13 +138,16 @@ def route_labels(request: web.Request) -> tuple[str, str]:
 METRICS = web.AppKey("metrics", Metrics)
 
 
-class ServicesCollector(Collector):
-    """Reads the services' own counters at scrape time (see the module docstring)."""
+class ServicesCollector:
+    """Reads the services' own counters at scrape time (see the module docstring); a
+    prometheus_client ``Collector`` by its shape."""
 
     def __init__(self, services: Services) -> None:
         self._services = services
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         unlock, resources, api = (
             self._services.unlock,
             self._services.resources,

@@ -22,14 +22,13 @@ from urllib.parse import unquote
 from aiohttp import BodyPartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from loguru import logger
-from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 
 from agent import __version__, errors
 from agent.connections import caller_eof
 from agent.defaults import NAME_MAX_LENGTH
 from agent.logs import quote
-from agent.metrics import METRICS, Metrics
+from agent.metrics import CONTENT_TYPE_LATEST, METRICS, Metrics
 from agent.peers import AccessPolicy, AccountGroups, Peer, identify
 from agent.routes import (
     LOOPBACK_AUTHORITY,

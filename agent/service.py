@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 from loguru import logger
 
-from agent import __version__
+from agent import __version__, startup
 from agent.api_client import ResourceApiClient
 from agent.connections import BoundedSite, Throttle, ensure_descriptor_limit
 from agent.errors import LoaderError, NotFoundError
@@ -142,7 +142,9 @@ async def serve(settings: Settings, environ: Mapping[str, str] | None = None) ->
             ", ".join(listener.description for listener in listeners),
             (time.monotonic() - started) * 1000,
         )
+        startup.collecting()
         notifier.ready(serving_status(services.unlock))
+        startup.load_deferred_certificates()  # this turn, before any upstream call: agent.startup
         await _auto_unlock(settings, services, notifier)
         await stop.wait()
         logger.info("stopping")

@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import datetime
+import ipaddress
 import json
 import os
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
+from agent import startup
+from azaion_loader_dev.devapi import DevApiConfig, create_app
 from tests.fixtures.agent import REPO, AgentProcess, agent_env, tcp_request, unix_request
 
 MakeAgent = Callable[..., AgentProcess]
@@ -312,3 +323,122 @@ def test_a_socket_from_systemd_off_loopback_stops_serve_with_exit_2(
     lines = log_path.read_text().strip().splitlines()
     assert len(lines) == 1, lines
     assert "not on loopback" in lines[0] and "azaion-loader.socket" in lines[0]
+
+
+def write_tls_files(directory: Path, name: str) -> tuple[Path, Path, Path]:
+    """A CA (``name``-ca.pem) and a certificate it signed for 127.0.0.1, with its key."""
+    now = datetime.datetime.now(datetime.UTC)
+
+    def certificate(
+        subject: str,
+        key: ec.EllipticCurvePrivateKey,
+        issuer: str,
+        signer: ec.EllipticCurvePrivateKey,
+    ) -> x509.CertificateBuilder:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+        )
+
+    ca_key, server_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
+    ca = (
+        certificate(f"{name} CA", ca_key, f"{name} CA", ca_key)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    server = (
+        certificate("127.0.0.1", server_key, f"{name} CA", ca_key)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = (
+        directory / f"{name}-ca.pem",
+        directory / f"{name}-cert.pem",
+        directory / f"{name}-key.pem",
+    )
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        server_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["its-ca-trusted", "another-ca-trusted"])
+async def test_tls_to_the_resource_api_verifies_with_the_ca_loaded_after_ready(
+    tmp_path: Path, make_agent: MakeAgent, aiohttp_server: Any, trusted: bool
+) -> None:
+    """``serve`` loads its TLS contexts' CA certificates only after READY=1 (agent.startup):
+    the first upstream call still verifies the Resource API's certificate against them, and
+    only them (``SSL_CERT_FILE``, read by OpenSSL when they are loaded)."""
+    ca, cert, key = write_tls_files(tmp_path, "api")
+    other_ca, *_ = write_tls_files(tmp_path, "other")
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    email, password = "device@example.test", "tls-test-password"
+    api = create_app(DevApiConfig(data_dir=tmp_path / "api", users={email: password}))
+    server = await aiohttp_server(api, ssl=server_tls)
+    agent = await asyncio.to_thread(
+        make_agent,
+        RESOURCE_API_URL=f"https://127.0.0.1:{server.port}",
+        SSL_CERT_FILE=str(ca if trusted else other_ca),
+        SSL_CERT_DIR=str(tmp_path / "no-such-directory"),
+    )
+    login = {"email": email, "password": password}
+    reply = await asyncio.to_thread(agent.request, "POST", "/login", login)
+    if trusted:
+        assert (reply.status, reply.json()) == (200, {"status": "ok", "verified": True})
+    else:
+        assert reply.status == 502, reply.body
+        assert "TLS certificate was refused" in reply.json()["message"]
+
+
+def test_deferred_ca_certificates_are_loaded_later_into_the_same_contexts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ca, *_ = write_tls_files(tmp_path, "unit")
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "no-such-directory"))
+    with startup.ca_certificates_deferred():
+        verified = ssl.create_default_context()
+        unverified = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        unverified.check_hostname = False
+        unverified.verify_mode = ssl.CERT_NONE
+        unverified.set_default_verify_paths()
+    assert "set_default_verify_paths" not in vars(ssl.SSLContext)  # ssl as it was
+    assert ssl.create_default_context().cert_store_stats()["x509_ca"] == 1
+    assert startup.deferred_contexts() == 2
+    assert verified.cert_store_stats()["x509_ca"] == 0
+    startup.load_deferred_certificates()
+    assert startup.deferred_contexts() == 0
+    assert verified.cert_store_stats()["x509_ca"] == 1
+    assert unverified.cert_store_stats()["x509_ca"] == 0  # verifies nothing: never reads them

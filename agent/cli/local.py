@@ -88,12 +88,16 @@ def _socket_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from agent.logs import setup_logging
-    from agent.settings import load_settings
+    from agent import startup
 
-    settings = load_settings()  # a bad setting stops here: one line, exit 2
-    setup_logging(settings.loader_log_level)
-    from agent.service import run
+    startup.hold_collection()  # until serving: see agent.startup
+    with startup.ca_certificates_deferred():
+        from agent.logs import setup_logging
+        from agent.settings import load_settings
+
+        settings = load_settings()  # a bad setting stops here: one line, exit 2
+        setup_logging(settings.loader_log_level)
+        from agent.service import run
 
     return run(settings)
 
