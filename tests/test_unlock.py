@@ -10,9 +10,8 @@ import asyncio
 import os
 import random
 import secrets
-import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +23,7 @@ from agent import keys
 from agent.api_client import ResourceApiClient
 from agent.archive import ArchiveManifest, ImageEntry, payload_head
 from agent.durable import write_stream_atomically
+from agent.engine import Engine
 from agent.errors import NotFoundError
 from agent.images import ImageEngine
 from agent.pack import pack_images
@@ -146,7 +146,7 @@ class Rig:
     def manager(
         self,
         *,
-        engine_factory: Callable[[], ImageEngine] | None = None,
+        engine_factory: Callable[[], Engine] | None = None,
         states: list[str] | None = None,
         time_source: Stepped | None = None,
         **overrides: Any,
@@ -309,9 +309,9 @@ class CountingEngines:
         self.host = host
         self.connections = 0
 
-    def __call__(self) -> ImageEngine:
+    def __call__(self) -> Engine:
         self.connections += 1
-        return ImageEngine.connect(self.host)
+        return Engine(self.host)
 
 
 async def test_wrong_fragment_fails_before_docker_then_a_fresh_attempt_works(rig: Rig) -> None:
@@ -550,44 +550,43 @@ async def test_nothing_to_unlock_is_not_found(rig: Rig) -> None:
 
 
 class PausingEngines:
-    """Real engines whose load pauses after the first piece until the manager is stopping.
+    """Real engines whose load pauses after the first piece until the load is abandoned.
 
     Lets the test stop the workflow at a known point in the middle of ``docker load``.
     """
 
     def __init__(self, host: str) -> None:
         self.host = host
-        self.manager: UnlockManager | None = None
-        self.first_piece_sent = threading.Event()
+        self.first_piece_sent = asyncio.Event()
+        self.never = asyncio.Event()
 
-    def __call__(self) -> ImageEngine:
+    def __call__(self) -> Engine:
         engines = self
 
-        class Pausing(ImageEngine):
-            def load(self, chunks: Iterable[bytes]) -> list[str]:
-                return super().load(engines.paused(chunks))
+        class Pausing(Engine):
+            async def load(self, tar: AsyncIterator[bytes]) -> list[str]:
+                return await super().load(engines.paused(tar))
 
-        return Pausing.connect(self.host)
+        return Pausing(self.host)
 
-    def paused(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
-        for index, piece in enumerate(chunks):
+    async def paused(self, tar: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        index = 0
+        async for piece in tar:
             yield piece
             if index == 0:
                 self.first_piece_sent.set()
-                deadline = time.monotonic() + DEADLINE
-                while not (self.manager and self.manager.stopping):
-                    assert time.monotonic() < deadline, "the test never stopped the unlock"
-                    time.sleep(0.01)  # polling the stop flag from the worker thread
+                # Until the stop drops the upload (the wait is cancelled); never set.
+                await asyncio.wait_for(self.never.wait(), DEADLINE)
+            index += 1
 
 
 async def test_stop_during_loading_leaves_nothing_half_done(rig: Rig) -> None:
     packed = rig.pack()
     engines = PausingEngines(rig.docker_host)
     manager = rig.manager(engine_factory=engines)
-    engines.manager = manager
     before = rig.dockerd.image_ids()
     await manager.start()
-    await until(engines.first_piece_sent.is_set, "loading to be under way")
+    await asyncio.wait_for(engines.first_piece_sent.wait(), DEADLINE)
     assert as_json(manager.snapshot())["state"] == "loading"
 
     await asyncio.wait_for(manager.close(), DEADLINE)  # what SIGTERM does

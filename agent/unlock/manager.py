@@ -22,12 +22,18 @@ from typing import TYPE_CHECKING, TypeVar
 from loguru import logger
 
 from agent import keys
+from agent.engine import Engine
 from agent.errors import DockerUnavailable, LoaderError, NotAuthenticated, NotFoundError, describe
-from agent.images import ImageEngine
 from agent.retry import Clock, RetryPolicy, Sleep, retry_call
 from agent.schemas import UnlockState, UnlockStatus
 from agent.settings import Settings
-from agent.unlock.pipeline import LoadOutcome, already_loaded, load_archive, verify_images
+from agent.unlock.pipeline import (
+    LoadOutcome,
+    already_loaded,
+    load_archive,
+    recorded_unlock,
+    verify_images,
+)
 from agent.unlock.record import UnlockRecord, read_record, write_record
 from agent.unlock.status import Progress, UnlockStats, UnlockView, Waiting
 from agent.unlock.threads import Throttle, call_soon, in_thread
@@ -53,7 +59,7 @@ class UnlockManager:
         settings: Settings,
         api: ResourceApiClient,
         *,
-        engine_factory: Callable[[], ImageEngine] | None = None,
+        engine_factory: Callable[[], Engine] | None = None,
         on_change: Callable[[], None] | None = None,
         retry_policy: RetryPolicy = BOOT_RETRY_POLICY,
         clock: Clock = time.monotonic,
@@ -63,7 +69,7 @@ class UnlockManager:
     ) -> None:
         self._settings = settings
         self._api = api
-        self._engine_factory = engine_factory or (lambda: ImageEngine.connect(settings.docker_host))
+        self._engine_factory = engine_factory or (lambda: Engine(settings.docker_host))
         self._on_change = on_change
         self._policy = retry_policy
         self._clock = clock
@@ -243,11 +249,13 @@ class UnlockManager:
 
     async def _check_already_loaded(self) -> bool:
         settings = self._settings
-        count = await in_thread(
-            lambda: already_loaded(
-                self._state_dir, settings.images_path, self._engine_factory, settings.api_version
-            ),
-            self._cancel,
+        record = await in_thread(
+            lambda: recorded_unlock(self._state_dir, settings.images_path), self._cancel
+        )
+        if record is None:
+            return False
+        count = await already_loaded(
+            record, settings.images_path, self._engine_factory, settings.api_version
         )
         if count is None:
             return False
@@ -272,11 +280,8 @@ class UnlockManager:
         def decrypted(size: int) -> None:  # worker thread; the loop only reads the sum
             self.stats.decrypted_bytes += size
 
-        outcome = await in_thread(
-            lambda: load_archive(
-                archive, fragments, self._engine_factory, self._cancel, read, decrypted
-            ),
-            self._cancel,
+        outcome = await load_archive(
+            archive, fragments, self._engine_factory, self._cancel, read, decrypted
         )
         self._set_progress(outcome.archive.size)
         elapsed = max(self._clock() - self._stage_started, 1e-6)
@@ -291,7 +296,8 @@ class UnlockManager:
 
     async def _verify(self, outcome: LoadOutcome) -> None:
         images, api_version = outcome.manifest.images, self._settings.api_version
-        await self._in_engine(lambda engine: verify_images(engine, images, api_version))
+        async with self._engine_factory() as engine:
+            await verify_images(engine, images, api_version)
         record = UnlockRecord(
             archive=outcome.archive,
             images=images,
@@ -300,12 +306,3 @@ class UnlockManager:
         )
         await asyncio.to_thread(write_record, self._state_dir, record)
         self._view.image_count = len(images)
-
-    async def _in_engine(self, use: Callable[[ImageEngine], T]) -> T:
-        """Connect, ``use`` the engine, disconnect: all in a worker thread."""
-
-        def connected() -> T:
-            with self._engine_factory() as engine:
-                return use(engine)
-
-        return await in_thread(connected, self._cancel)
