@@ -83,8 +83,16 @@ class Engine:
     """One Docker engine (``host``, or ``DOCKER_HOST``, or the default socket): an async
     context manager that owns one HTTP connection pool."""
 
-    def __init__(self, host: str | None = None) -> None:
+    def __init__(
+        self,
+        host: str | None = None,
+        *,
+        call_timeout: float = CALL_TIMEOUT,
+        stall_timeout: float = STALL_TIMEOUT,
+    ) -> None:
         self.host = host or os.environ.get("DOCKER_HOST") or DEFAULT_HOST
+        self._call_timeout = call_timeout
+        self._stall_timeout = stall_timeout
         base_url, connector = _endpoint(self.host)
         self._session = aiohttp.ClientSession(
             base_url=base_url,
@@ -104,18 +112,21 @@ class Engine:
 
     # -- short calls ---------------------------------------------------------------------------
 
-    async def _call(self, method: str, path: str, action: str, **params: str) -> Any:
-        """One short call: its JSON answer (``None`` if empty), or the error it means."""
+    async def _call(self, method: str, path: str, action: str, **params: str) -> bytes:
+        """One short call: its answer, or the error it means."""
         with _translated(action):
-            async with asyncio.timeout(CALL_TIMEOUT):
+            async with asyncio.timeout(self._call_timeout):
                 async with self._session.request(method, path, params=params) as response:
                     body = await _read_bounded(response, MAX_BODY)
         if response.status == 404:
             raise NotFoundError(f"cannot {action}: {_message(body)}")
         if response.status >= 400:
             raise DockerError(f"cannot {action}: {_message(body)}")
-        if not body.strip():
-            return None
+        return body
+
+    async def _json(self, method: str, path: str, action: str, **params: str) -> Any:
+        """One short call whose answer is JSON."""
+        body = await self._call(method, path, action, **params)
         try:
             return json.loads(body)
         except ValueError as exc:
@@ -126,7 +137,7 @@ class Engine:
 
     async def image_ids(self) -> set[str]:
         """The IDs (``sha256:...``) of every image the engine holds."""
-        listed = await self._call("GET", "/images/json", "list images", all="1")
+        listed = await self._json("GET", "/images/json", "list images", all="1")
         if not isinstance(listed, list):
             raise DockerError("cannot list images: the Docker engine's answer is not a list")
         return {str(image["Id"]) for image in listed if isinstance(image, dict) and "Id" in image}
@@ -137,7 +148,7 @@ class Engine:
         return {image_id for image_id in image_ids if image_id in held}
 
     async def repo_tags(self, image_id: str) -> set[str]:
-        found = await self._call(
+        found = await self._json(
             "GET", f"/images/{quote(image_id, safe='')}/json", f"inspect image {image_id}"
         )
         tags = found.get("RepoTags") if isinstance(found, dict) else None
@@ -158,7 +169,7 @@ class Engine:
         dropped mid-body (the terminating chunk is never sent): the engine sees a truncated
         upload and keeps nothing of it.
         """
-        source = _Recording(tar)
+        source = _Recording(tar, self._stall_timeout)
         action = "load images into the Docker engine"
         try:
             with _translated(action):
@@ -187,7 +198,7 @@ class Engine:
                 body = await _read_bounded(response, MAX_LINE)
                 raise DockerError(f"the Docker engine could not load the images: {_message(body)}")
             loaded = []
-            async for line in _lines(response, deadline):
+            async for line in _lines(response, deadline, self._stall_timeout):
                 loaded.extend(_loaded_names(line))
         if source.error is not None:
             raise source.error
@@ -208,15 +219,16 @@ class _Recording:
     """The request body: passes ``tar`` on, remembers the exception it raised (aiohttp wraps it)
     and whether it ended, and pushes the load's deadline on with each piece taken."""
 
-    def __init__(self, tar: AsyncIterator[bytes]) -> None:
+    def __init__(self, tar: AsyncIterator[bytes], stall_timeout: float) -> None:
         self._tar = tar
+        self._stall_timeout = stall_timeout
         self.error: BaseException | None = None
         self.finished = False
         self.deadline: asyncio.Timeout | None = None
 
     def step(self) -> None:
         if self.deadline is not None:
-            self.deadline.reschedule(asyncio.get_running_loop().time() + STALL_TIMEOUT)
+            self.deadline.reschedule(asyncio.get_running_loop().time() + self._stall_timeout)
 
     def __aiter__(self) -> _Recording:
         return self
@@ -244,14 +256,16 @@ async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
     return bytes(body)
 
 
-async def _lines(response: aiohttp.ClientResponse, deadline: asyncio.Timeout) -> AsyncIterator[Any]:
+async def _lines(
+    response: aiohttp.ClientResponse, deadline: asyncio.Timeout, stall_timeout: float
+) -> AsyncIterator[Any]:
     """The load's answer, JSON lines, each parsed; at most ``MAX_LINES`` of ``MAX_LINE`` bytes."""
     buffer = bytearray()
     count = 0
     loop = asyncio.get_running_loop()
-    deadline.reschedule(loop.time() + STALL_TIMEOUT)
+    deadline.reschedule(loop.time() + stall_timeout)
     async for piece in response.content.iter_any():
-        deadline.reschedule(loop.time() + STALL_TIMEOUT)
+        deadline.reschedule(loop.time() + stall_timeout)
         buffer += piece
         *lines, rest = buffer.split(b"\n")
         if len(rest) > MAX_LINE:

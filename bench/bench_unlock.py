@@ -50,6 +50,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -71,7 +72,7 @@ from agent.unlock import READ_SIZE, UnlockManager
 from azaion_loader_dev.harness.agent import AgentProcess, agent_env, short_tmpdir
 from azaion_loader_dev.harness.devapi import DevApi, new_dev_api
 from azaion_loader_dev.harness.dockerd import DockerDaemon, import_big_image
-from azaion_loader_dev.harness.measure import io_counters
+from azaion_loader_dev.harness.measure import cpu_seconds, io_counters
 
 MB = 1000 * 1000
 REF = "azaion/bench-app:1.0"
@@ -164,6 +165,7 @@ class Bench:
         assert agent.proc is not None
         before = io_counters(agent.proc.pid)["write_bytes"]
         faults_before = minor_faults(agent.proc.pid)
+        cpu_before = cpu_seconds(agent.proc.pid)
         started = time.perf_counter()
         reply = agent.request("POST", "/unlock", {})
         if reply.status not in (200, 202):
@@ -177,12 +179,14 @@ class Bench:
                 raise SystemExit(f"unlock failed: {state}\n{agent.log()[-4000:]}")
             time.sleep(self.poll)
         elapsed = time.perf_counter() - started
+        cpu = cpu_seconds(agent.proc.pid) - cpu_before
         stages = stage_seconds(agent.request("GET", "/metrics").body.decode())
         memory = memory_mib(agent.proc.pid)
         self.agent_stats.setdefault(name, []).append(
             {
                 "loading_s": stages.get("loading", float("nan")),
                 "other_stages_s": sum(v for k, v in stages.items() if k != "loading"),
+                "cpu_s": cpu,
                 "minor_faults": minor_faults(agent.proc.pid) - faults_before,
                 "write_bytes": io_counters(agent.proc.pid)["write_bytes"] - before,
                 **memory,
@@ -239,6 +243,12 @@ async def run_unlock(settings: Settings) -> dict[str, object]:
         return (await manager.wait()).model_dump(mode="json")
 
 
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and of its children waited for (the docker CLI's)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return cpu_seconds() + children.ru_utime + children.ru_stime
+
+
 def timed(step: Callable[[], None]) -> float:
     started = time.perf_counter()
     step()
@@ -275,10 +285,14 @@ def main() -> int:
             names.append("d_in_process")
         if args.compare:
             names.append("e_compare")
+        engine_pid = int((daemon.root / "dockerd.pid").read_text())
         times: dict[str, list[float]] = {name: [] for name in names}
+        engine_cpu: dict[str, list[float]] = {name: [] for name in names}
+        client_cpu: dict[str, list[float]] = {name: [] for name in names}
         for run in range(args.runs):
             for name in names:  # interleaved, so drift hits all alike
                 bench.remove_image()
+                engine_before, own_before = cpu_seconds(engine_pid), own_cpu_seconds()
                 if name in ("c_unlock", "e_compare"):
                     # A fresh process, serving; its start is not on the clock.
                     agent = bench.start_agent(args.compare if name == "e_compare" else None)
@@ -293,6 +307,11 @@ def main() -> int:
                     times[name].append(timed(bench.original))
                 else:
                     times[name].append(timed(bench.in_process))
+                engine_cpu[name].append(cpu_seconds(engine_pid) - engine_before)
+                if name in ("c_unlock", "e_compare"):
+                    client_cpu[name].append(bench.agent_stats[name][-1]["cpu_s"])
+                else:
+                    client_cpu[name].append(own_cpu_seconds() - own_before)
             print(
                 f"run {run + 1}: "
                 + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items())
@@ -307,6 +326,12 @@ def main() -> int:
             "runs": args.runs,
             "poll_s": args.poll,
             "median_s": {name: round(value, 3) for name, value in medians.items()},
+            "median_engine_cpu_s": {
+                n: round(statistics.median(v), 3) for n, v in engine_cpu.items()
+            },
+            "median_client_cpu_s": {
+                n: round(statistics.median(v), 3) for n, v in client_cpu.items()
+            },
             "ratio_unlock_over_cli": round(ratio, 3),
             "goal": f"<= {GOAL}",
             "cli_mb_per_s": round(plain_size / MB / medians["a_cli"], 1),
