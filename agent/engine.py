@@ -1,55 +1,57 @@
-"""The Docker engine's HTTP API, as the unlock needs it, over the aiohttp client on the loop.
+"""The Docker engine's HTTP API, as the unlock needs it: list, inspect, tag, and the image load.
 
-The unlock's timed path (check, load, verify) talks to the engine directly: no Docker SDK
-import, and the decrypted tar goes to ``POST /images/load`` as a chunked request body from an
-async iterator, written without copies. The SDK (``agent.images``) stays for ``pack-images``.
+The unlock talks to the engine directly, without the Docker SDK (``agent.images``, which stays
+for ``pack-images``): the SDK's import and its request machinery were on the unlock's timed
+path. Everything here is blocking, over one socket per call, and runs in the unlock's worker
+thread: the load is one chunked ``POST /images/load`` whose body is written piece by piece with
+``sendmsg`` (the chunk's size line, the piece, its end: no copy, no event loop in between), the
+cheapest way measured to hand the decrypted tar to the engine (bench/README.md).
 
-``DOCKER_HOST`` is read as today: ``unix:///path`` (the default, ``/var/run/docker.sock``) or
-``tcp://host:port`` (plain HTTP). The engine's answers are parsed with bounds (body sizes, the
-load's JSON lines: their length and count) and its text is escaped and cut before it reaches
-an error. Every wait has a deadline: ``CALL_TIMEOUT`` for a short call, and for the load
-``STALL_TIMEOUT`` without progress (a piece of the body taken, a line of the answer read).
+``DOCKER_HOST`` is read as before: ``unix:///path`` (the default, ``/var/run/docker.sock``) or
+``tcp://host:port`` (plain HTTP). The engine's answers are parsed with bounds (sizes of bodies,
+and of the load's JSON lines, their length and count; ``http.client`` bounds the status line and
+headers) and its words are escaped and cut before they reach an error. Every wait has a deadline:
+``CALL_TIMEOUT`` for a short call, whole; ``STALL_TIMEOUT`` for each step of the load (a piece
+sent, a piece of the answer received).
 
-Foreign errors are translated in one place, ``_translated``: an engine that cannot be reached
-is ``DockerUnavailable`` (callers retry), anything the engine refuses is ``DockerError``, an
-image it does not hold is ``NotFoundError``.
+Foreign errors are translated in one place, ``_translated``: an engine that cannot be reached is
+``DockerUnavailable`` (callers retry), anything the engine refuses is ``DockerError``, an image
+it does not hold is ``NotFoundError``.
 """
 
 from __future__ import annotations
 
-import asyncio
+import http.client
 import json
 import os
-from collections.abc import AsyncIterator, Iterable, Iterator
+import socket
+import struct
+import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import quote
-
-import aiohttp
+from urllib.parse import quote, urlencode
 
 from agent.errors import DockerError, DockerUnavailable, LoaderError, NotFoundError
 from agent.logs import one_line
 
 DEFAULT_HOST = "unix:///var/run/docker.sock"
-CALL_TIMEOUT = 60.0  # one short call (ping, inspect, list, tag), whole
-CONNECT_TIMEOUT = 10.0
-STALL_TIMEOUT = 900.0  # the load: longest wait for the engine to take a piece or answer a line
+CALL_TIMEOUT = 60.0  # one short call (ping, list, inspect, tag), whole
+STALL_TIMEOUT = 900.0  # the load: longest wait for the engine to take a piece or say a word
+ANSWER_TIMEOUT = 5.0  # after the engine stopped taking the load: how long to wait for its reason
 MAX_BODY = 16 * 1024 * 1024  # an answer to a short call (the list of all images is the largest)
 MAX_LINE = 64 * 1024  # one line of the load's answer
 MAX_LINES = 10_000  # lines of the load's answer (one per image loaded, and progress)
 MAX_TEXT = 300  # characters of the engine's own words kept in an error
-
-
-def _endpoint(host: str) -> tuple[str, aiohttp.BaseConnector]:
-    """The base URL and the connector for ``host`` (``unix://...`` or ``tcp://...``)."""
-    if host.startswith("unix://"):
-        return "http://docker", aiohttp.UnixConnector(path=host.removeprefix("unix://"))
-    if host.startswith("tcp://"):
-        return "http://" + host.removeprefix("tcp://").rstrip("/"), aiohttp.TCPConnector()
-    raise DockerError(
-        f"unsupported Docker engine address {one_line(host, MAX_TEXT)} "
-        "(DOCKER_HOST must be unix:///path or tcp://host:port)"
-    )
+READ_SIZE = 64 * 1024
+LOAD_HEAD = (
+    b"POST /images/load?quiet=1 HTTP/1.1\r\n"
+    b"Host: docker\r\n"
+    b"Content-Type: application/x-tar\r\n"
+    b"Transfer-Encoding: chunked\r\n"
+    b"\r\n"
+)
+LAST_CHUNK = b"0\r\n\r\n"
 
 
 def engine_text(text: str) -> str:
@@ -57,31 +59,46 @@ def engine_text(text: str) -> str:
     return one_line(text.strip(), MAX_TEXT)
 
 
+def _address(host: str) -> tuple[int, str | tuple[str, int]]:
+    """The socket family and address of ``host`` (``unix:///path`` or ``tcp://host:port``)."""
+    if host.startswith("unix://"):
+        return socket.AF_UNIX, host.removeprefix("unix://")
+    if host.startswith("tcp://"):
+        name, _, port = host.removeprefix("tcp://").rstrip("/").rpartition(":")
+        if name and port.isdigit():
+            return socket.AF_INET, (name.strip("[]"), int(port))
+    raise DockerError(
+        f"unsupported Docker engine address {one_line(host, MAX_TEXT)} "
+        "(DOCKER_HOST must be unix:///path or tcp://host:port)"
+    )
+
+
 @contextmanager
 def _translated(action: str) -> Iterator[None]:
-    """Turn aiohttp and timeout errors raised while doing ``action`` into ours."""
+    """Turn socket and ``http.client`` errors raised while doing ``action`` into ours."""
     try:
         yield
     except LoaderError:
         raise
-    except aiohttp.ClientConnectorError as exc:
-        raise DockerUnavailable(
-            f"cannot {action}: the Docker engine is not reachable "
-            f"({exc.os_error.strerror or exc.os_error}; is dockerd running?)"
-        ) from exc
-    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-        raise DockerUnavailable(
-            f"cannot {action}: the Docker engine closed the connection"
-        ) from exc
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+    except TimeoutError as exc:
         raise DockerError(f"cannot {action}: the Docker engine did not answer in time") from exc
-    except aiohttp.ClientError as exc:
-        raise DockerError(f"cannot {action}: {type(exc).__name__}") from exc
+    except ConnectionError as exc:  # http.client's RemoteDisconnected among them
+        raise DockerUnavailable(
+            f"cannot {action}: the Docker engine closed the connection ({exc.strerror or exc})"
+        ) from exc
+    except (http.client.HTTPException, ValueError) as exc:
+        raise DockerError(
+            f"cannot {action}: the Docker engine's answer is not HTTP ({type(exc).__name__})"
+        ) from exc
+    except OSError as exc:
+        raise DockerUnavailable(
+            f"cannot {action}: the Docker engine closed the connection ({exc.strerror or exc})"
+        ) from exc
 
 
 class Engine:
-    """One Docker engine (``host``, or ``DOCKER_HOST``, or the default socket): an async
-    context manager that owns one HTTP connection pool."""
+    """One Docker engine: ``host``, or ``DOCKER_HOST``, or the default socket. Holds no
+    connection between calls; a context manager for symmetry with its callers' ``with``."""
 
     def __init__(
         self,
@@ -91,181 +108,208 @@ class Engine:
         stall_timeout: float = STALL_TIMEOUT,
     ) -> None:
         self.host = host or os.environ.get("DOCKER_HOST") or DEFAULT_HOST
+        self._family, self._address = _address(self.host)
         self._call_timeout = call_timeout
         self._stall_timeout = stall_timeout
-        base_url, connector = _endpoint(self.host)
-        self._session = aiohttp.ClientSession(
-            base_url=base_url,
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT),
-            auto_decompress=False,
-        )
 
-    async def close(self) -> None:
-        await self._session.close()
+    def close(self) -> None:
+        """Nothing to release: every call closes its own connection."""
 
-    async def __aenter__(self) -> Engine:
+    def __enter__(self) -> Engine:
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _connect(self, timeout: float) -> socket.socket:
+        """A connected socket, or ``DockerUnavailable`` while the engine is not up."""
+        sock = socket.socket(self._family, socket.SOCK_STREAM)
+        sock.settimeout(min(timeout, CALL_TIMEOUT))
+        try:
+            sock.connect(self._address)
+            sock.settimeout(timeout)
+        except OSError as exc:
+            sock.close()
+            raise DockerUnavailable(
+                f"cannot connect to the Docker engine at {one_line(self.host, MAX_TEXT)}: "
+                f"{exc.strerror or exc} (is dockerd running?)"
+            ) from exc
+        return sock
 
     # -- short calls ---------------------------------------------------------------------------
 
-    async def _call(self, method: str, path: str, action: str, **params: str) -> bytes:
-        """One short call: its answer, or the error it means."""
-        with _translated(action):
-            async with asyncio.timeout(self._call_timeout):
-                async with self._session.request(method, path, params=params) as response:
-                    body = await _read_bounded(response, MAX_BODY)
+    def _call(self, method: str, path: str, action: str, **params: str) -> bytes:
+        """One short call on a connection of its own: the answer's body, or what it means."""
+        deadline = time.monotonic() + self._call_timeout
+        target = f"{path}?{urlencode(params)}" if params else path
+        request = (
+            f"{method} {target} HTTP/1.1\r\nHost: docker\r\nContent-Length: 0\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        with self._connect(self._call_timeout) as sock, _translated(action):
+            sock.sendall(request.encode("ascii"))
+            response = http.client.HTTPResponse(sock, method=method)
+            try:
+                response.begin()
+                body = _read_bounded(response, MAX_BODY, deadline)
+            finally:
+                response.close()  # its file of the socket, which else keeps the socket open
         if response.status == 404:
             raise NotFoundError(f"cannot {action}: {_message(body)}")
         if response.status >= 400:
             raise DockerError(f"cannot {action}: {_message(body)}")
         return body
 
-    async def _json(self, method: str, path: str, action: str, **params: str) -> Any:
+    def _json(self, method: str, path: str, action: str, **params: str) -> Any:
         """One short call whose answer is JSON."""
-        body = await self._call(method, path, action, **params)
+        body = self._call(method, path, action, **params)
         try:
             return json.loads(body)
         except ValueError as exc:
             raise DockerError(f"cannot {action}: the Docker engine's answer is not JSON") from exc
 
-    async def ping(self) -> None:
-        await self._call("GET", "/_ping", "reach the Docker engine")
+    def ping(self) -> None:
+        self._call("GET", "/_ping", "reach the Docker engine")
 
-    async def image_ids(self) -> set[str]:
+    def image_ids(self) -> set[str]:
         """The IDs (``sha256:...``) of every image the engine holds."""
-        listed = await self._json("GET", "/images/json", "list images", all="1")
+        listed = self._json("GET", "/images/json", "list images", all="1")
         if not isinstance(listed, list):
             raise DockerError("cannot list images: the Docker engine's answer is not a list")
         return {str(image["Id"]) for image in listed if isinstance(image, dict) and "Id" in image}
 
-    async def present(self, image_ids: Iterable[str]) -> set[str]:
+    def present(self, image_ids: Iterable[str]) -> set[str]:
         """Which of ``image_ids`` the engine holds."""
-        held = await self.image_ids()
+        held = self.image_ids()
         return {image_id for image_id in image_ids if image_id in held}
 
-    async def repo_tags(self, image_id: str) -> set[str]:
-        found = await self._json(
-            "GET", f"/images/{quote(image_id, safe='')}/json", f"inspect image {image_id}"
-        )
+    def repo_tags(self, image_id: str) -> set[str]:
+        path = f"/images/{quote(image_id, safe='')}/json"
+        found = self._json("GET", path, f"inspect image {engine_text(image_id)}")
         tags = found.get("RepoTags") if isinstance(found, dict) else None
         return {str(tag) for tag in tags} if isinstance(tags, list) else set()
 
-    async def tag(self, image_id: str, repository: str, tag: str) -> None:
+    def tag(self, image_id: str, repository: str, tag: str) -> None:
         """Point ``repository:tag`` at ``image_id`` (moving the tag if it pointed elsewhere)."""
         path = f"/images/{quote(image_id, safe='')}/tag"
-        await self._call("POST", path, f"tag image as {repository}:{tag}", repo=repository, tag=tag)
+        action = f"tag image as {engine_text(repository)}:{engine_text(tag)}"
+        self._call("POST", path, action, repo=repository, tag=tag)
 
     # -- the load ------------------------------------------------------------------------------
 
-    async def load(self, tar: AsyncIterator[bytes]) -> list[str]:
-        """``docker load`` of the tar that ``tar`` yields (the chunked request body); returns
-        the names and IDs the engine reports loaded.
+    def load(self, chunks: Iterable[bytes]) -> list[str]:
+        """``docker load`` of the tar that ``chunks`` yields; returns the names and IDs the
+        engine reports loaded.
 
-        If ``tar`` raises, the same exception comes out of this call and the connection is
-        dropped mid-body (the terminating chunk is never sent): the engine sees a truncated
-        upload and keeps nothing of it.
+        ``chunks`` is the chunked request body, sent as it comes. If it raises, the same
+        exception comes out of this call and the connection is closed before the body's end
+        (the last, empty chunk is never sent): the engine sees a truncated upload and keeps
+        nothing of it.
         """
-        source = _Recording(tar, self._stall_timeout)
         action = "load images into the Docker engine"
-        try:
-            with _translated(action):
-                async with asyncio.timeout(None) as deadline:
-                    source.deadline = deadline
-                    source.step()
-                    return await self._load(source, deadline)
-        except DockerUnavailable:
-            if source.error is not None:
-                raise source.error from None
-            await self._raise_if_dropped_while_up()
-            raise
-        except Exception:
-            if source.error is not None:
-                raise source.error from None
-            raise
+        with self._connect(self._stall_timeout) as sock:
+            _blocking_sends(sock, self._stall_timeout)
+            stopped = _send_body(sock, chunks)  # the source's own errors come out as they are
+            sock.settimeout(self._stall_timeout)
+            try:
+                with _translated(action):
+                    return self._answer(sock, stopped)
+            except DockerUnavailable:
+                if stopped is None:
+                    raise
+                self._raise_if_dropped_while_up()
+                raise
 
-    async def _load(self, source: _Recording, deadline: asyncio.Timeout) -> list[str]:
-        async with self._session.post(
-            "/images/load",
-            params={"quiet": "1"},
-            data=source,
-            headers={"Content-Type": "application/x-tar"},
-        ) as response:
+    def _answer(self, sock: socket.socket, stopped: OSError | None) -> list[str]:
+        """The engine's answer to the load: names loaded, or the error it gave."""
+        if stopped is not None:  # it stopped taking the body: perhaps it says why
+            if isinstance(stopped, TimeoutError):
+                raise DockerError(
+                    f"the Docker engine took nothing of the images for {self._stall_timeout:.0f} s"
+                ) from stopped
+            sock.settimeout(ANSWER_TIMEOUT)
+        response = http.client.HTTPResponse(sock, method="POST")
+        try:
+            response.begin()
             if response.status >= 400:
-                body = await _read_bounded(response, MAX_LINE)
+                body = _read_bounded(response, MAX_LINE, time.monotonic() + self._stall_timeout)
                 raise DockerError(f"the Docker engine could not load the images: {_message(body)}")
-            loaded = []
-            async for line in _lines(response, deadline, self._stall_timeout):
-                loaded.extend(_loaded_names(line))
-        if source.error is not None:
-            raise source.error
-        if not source.finished:
-            raise DockerError("the Docker engine answered before it had read all the images")
+            loaded = [name for line in _lines(response) for name in _loaded_names(line)]
+        finally:
+            response.close()
+        if stopped is not None:
+            raise DockerError("the Docker engine closed the connection while loading the images")
         return loaded
 
-    async def _raise_if_dropped_while_up(self) -> None:
+    def _raise_if_dropped_while_up(self) -> None:
         """The connection broke mid-load: if the engine still answers, it refused the data."""
         try:
-            await self.ping()
+            self.ping()
         except DockerUnavailable:
             return
         raise DockerError("the Docker engine closed the connection while loading the images")
 
 
-class _Recording:
-    """The request body: passes ``tar`` on, remembers the exception it raised (aiohttp wraps it)
-    and whether it ended, and pushes the load's deadline on with each piece taken."""
+def _blocking_sends(sock: socket.socket, timeout: float) -> None:
+    """Let each send block in the kernel (no poll before it, no partial sends: measured, a
+    quarter less CPU for the load), bounded by ``SO_SNDTIMEO`` instead. Where the option
+    cannot be set, the socket keeps its Python timeout."""
+    seconds = int(timeout)
+    microseconds = max(int((timeout - seconds) * 1_000_000), 0 if seconds else 1)  # 0 0: none
+    try:
+        timeval = struct.pack("@ll", seconds, microseconds)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    except (OSError, struct.error):
+        return
+    sock.settimeout(None)
 
-    def __init__(self, tar: AsyncIterator[bytes], stall_timeout: float) -> None:
-        self._tar = tar
-        self._stall_timeout = stall_timeout
-        self.error: BaseException | None = None
-        self.finished = False
-        self.deadline: asyncio.Timeout | None = None
 
-    def step(self) -> None:
-        if self.deadline is not None:
-            self.deadline.reschedule(asyncio.get_running_loop().time() + self._stall_timeout)
-
-    def __aiter__(self) -> _Recording:
-        return self
-
-    async def __anext__(self) -> bytes:
+def _send_body(sock: socket.socket, chunks: Iterable[bytes]) -> OSError | None:
+    """Send the request and ``chunks`` as its chunked body; the error that stopped the sending,
+    if the engine stopped taking it (the source's errors are raised as they are)."""
+    try:
+        sock.sendall(LOAD_HEAD)
+    except OSError as exc:
+        return exc
+    for piece in chunks:
+        if not piece:
+            continue  # an empty chunk would end the body
+        size_line = b"%x\r\n" % len(piece)
+        parts = (size_line, piece, b"\r\n")
         try:
-            piece = await anext(self._tar)
-        except StopAsyncIteration:
-            self.finished = True
-            raise
-        except Exception as exc:  # not a cancellation of the writer: that is aiohttp's
-            self.error = exc
-            raise
-        self.step()
-        return piece
+            sent = sock.sendmsg(parts)
+            if sent < len(size_line) + len(piece) + 2:  # a partial send (after a timeout wait)
+                sock.sendall(memoryview(b"".join(parts))[sent:])
+        except BlockingIOError as exc:  # SO_SNDTIMEO ran out
+            return TimeoutError(str(exc))
+        except OSError as exc:
+            return exc
+    try:
+        sock.sendall(LAST_CHUNK)
+    except BlockingIOError as exc:
+        return TimeoutError(str(exc))
+    except OSError as exc:
+        return exc
+    return None
 
 
-async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The whole body of ``response``, or ``DockerError`` past ``limit`` bytes."""
+def _read_bounded(response: http.client.HTTPResponse, limit: int, deadline: float) -> bytes:
+    """The whole body of ``response``: ``DockerError`` past ``limit`` bytes or ``deadline``."""
     body = bytearray()
-    async for piece in response.content.iter_any():
+    while piece := response.read1(READ_SIZE):
         body += piece
         if len(body) > limit:
             raise DockerError(f"the Docker engine's answer is over {limit} bytes")
+        if time.monotonic() > deadline:
+            raise TimeoutError("the answer took too long")
     return bytes(body)
 
 
-async def _lines(
-    response: aiohttp.ClientResponse, deadline: asyncio.Timeout, stall_timeout: float
-) -> AsyncIterator[Any]:
+def _lines(response: http.client.HTTPResponse) -> Iterator[Any]:
     """The load's answer, JSON lines, each parsed; at most ``MAX_LINES`` of ``MAX_LINE`` bytes."""
     buffer = bytearray()
     count = 0
-    loop = asyncio.get_running_loop()
-    deadline.reschedule(loop.time() + stall_timeout)
-    async for piece in response.content.iter_any():
-        deadline.reschedule(loop.time() + stall_timeout)
+    while piece := response.read1(READ_SIZE):
         buffer += piece
         *lines, rest = buffer.split(b"\n")
         if len(rest) > MAX_LINE:
@@ -278,7 +322,7 @@ async def _lines(
             if line.strip():
                 yield _json_line(line)
     if buffer.strip():
-        yield _json_line(bytes(buffer))
+        yield _json_line(buffer)
 
 
 def _json_line(line: bytes | bytearray) -> Any:

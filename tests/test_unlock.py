@@ -10,8 +10,9 @@ import asyncio
 import os
 import random
 import secrets
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -550,43 +551,44 @@ async def test_nothing_to_unlock_is_not_found(rig: Rig) -> None:
 
 
 class PausingEngines:
-    """Real engines whose load pauses after the first piece until the load is abandoned.
+    """Real engines whose load pauses after the first piece until the manager is stopping.
 
     Lets the test stop the workflow at a known point in the middle of ``docker load``.
     """
 
     def __init__(self, host: str) -> None:
         self.host = host
-        self.first_piece_sent = asyncio.Event()
-        self.never = asyncio.Event()
+        self.manager: UnlockManager | None = None
+        self.first_piece_sent = threading.Event()
 
     def __call__(self) -> Engine:
         engines = self
 
         class Pausing(Engine):
-            async def load(self, tar: AsyncIterator[bytes]) -> list[str]:
-                return await super().load(engines.paused(tar))
+            def load(self, chunks: Iterable[bytes]) -> list[str]:
+                return super().load(engines.paused(chunks))
 
         return Pausing(self.host)
 
-    async def paused(self, tar: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        index = 0
-        async for piece in tar:
+    def paused(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        for index, piece in enumerate(chunks):
             yield piece
             if index == 0:
                 self.first_piece_sent.set()
-                # Until the stop drops the upload (the wait is cancelled); never set.
-                await asyncio.wait_for(self.never.wait(), DEADLINE)
-            index += 1
+                deadline = time.monotonic() + DEADLINE
+                while not (self.manager and self.manager.stopping):
+                    assert time.monotonic() < deadline, "the test never stopped the unlock"
+                    time.sleep(0.01)  # polling the stop flag from the worker thread
 
 
 async def test_stop_during_loading_leaves_nothing_half_done(rig: Rig) -> None:
     packed = rig.pack()
     engines = PausingEngines(rig.docker_host)
     manager = rig.manager(engine_factory=engines)
+    engines.manager = manager
     before = rig.dockerd.image_ids()
     await manager.start()
-    await asyncio.wait_for(engines.first_piece_sent.wait(), DEADLINE)
+    await until(engines.first_piece_sent.is_set, "loading to be under way")
     assert as_json(manager.snapshot())["state"] == "loading"
 
     await asyncio.wait_for(manager.close(), DEADLINE)  # what SIGTERM does

@@ -27,13 +27,7 @@ from agent.errors import DockerUnavailable, LoaderError, NotAuthenticated, NotFo
 from agent.retry import Clock, RetryPolicy, Sleep, retry_call
 from agent.schemas import UnlockState, UnlockStatus
 from agent.settings import Settings
-from agent.unlock.pipeline import (
-    LoadOutcome,
-    already_loaded,
-    load_archive,
-    recorded_unlock,
-    verify_images,
-)
+from agent.unlock.pipeline import LoadOutcome, already_loaded, load_archive, verify_images
 from agent.unlock.record import UnlockRecord, read_record, write_record
 from agent.unlock.status import Progress, UnlockStats, UnlockView, Waiting
 from agent.unlock.threads import Throttle, call_soon, in_thread
@@ -249,13 +243,11 @@ class UnlockManager:
 
     async def _check_already_loaded(self) -> bool:
         settings = self._settings
-        record = await in_thread(
-            lambda: recorded_unlock(self._state_dir, settings.images_path), self._cancel
-        )
-        if record is None:
-            return False
-        count = await already_loaded(
-            record, settings.images_path, self._engine_factory, settings.api_version
+        count = await in_thread(
+            lambda: already_loaded(
+                self._state_dir, settings.images_path, self._engine_factory, settings.api_version
+            ),
+            self._cancel,
         )
         if count is None:
             return False
@@ -280,8 +272,11 @@ class UnlockManager:
         def decrypted(size: int) -> None:  # worker thread; the loop only reads the sum
             self.stats.decrypted_bytes += size
 
-        outcome = await load_archive(
-            archive, fragments, self._engine_factory, self._cancel, read, decrypted
+        outcome = await in_thread(
+            lambda: load_archive(
+                archive, fragments, self._engine_factory, self._cancel, read, decrypted
+            ),
+            self._cancel,
         )
         self._set_progress(outcome.archive.size)
         elapsed = max(self._clock() - self._stage_started, 1e-6)
@@ -296,8 +291,7 @@ class UnlockManager:
 
     async def _verify(self, outcome: LoadOutcome) -> None:
         images, api_version = outcome.manifest.images, self._settings.api_version
-        async with self._engine_factory() as engine:
-            await verify_images(engine, images, api_version)
+        await self._in_engine(lambda engine: verify_images(engine, images, api_version))
         record = UnlockRecord(
             archive=outcome.archive,
             images=images,
@@ -306,3 +300,12 @@ class UnlockManager:
         )
         await asyncio.to_thread(write_record, self._state_dir, record)
         self._view.image_count = len(images)
+
+    async def _in_engine(self, use: Callable[[Engine], T]) -> T:
+        """Connect, ``use`` the engine, disconnect: all in a worker thread."""
+
+        def connected() -> T:
+            with self._engine_factory() as engine:
+                return use(engine)
+
+        return await in_thread(connected, self._cancel)

@@ -1,48 +1,43 @@
-"""The unlock's stages beside the state machine: whether the recorded unlock still holds
-(``recorded_unlock``, ``already_loaded``), the load of the archive into Docker, and the check of
-its images (``verify_images``). The engine is ``agent.engine.Engine``, on the loop.
+"""The blocking parts of the unlock, run in a worker thread: whether the recorded unlock still
+holds (``already_loaded``), the load of the archive into Docker, and the check of its images.
 
-The load is one stream, read and decrypted in a worker thread, sent to the engine from the loop:
+The load is one stream:
 
-    ArchiveReader -> decrypt_iter -> PayloadSplitter -> held_back -> until_cancelled
-        (worker thread) -> Handoff -> Engine.load (loop: chunked POST /images/load)
+    ArchiveReader -> decrypt_iter -> PayloadSplitter -> held_back -> until_cancelled -> load
+
+where ``load`` is ``agent.engine.Engine.load``: the pieces go to the engine's ``POST
+/images/load`` as a chunked body, each written with one ``sendmsg`` from this same thread.
 
 Only authenticated plaintext is passed on; the manifest at the head of the payload is read (so
 a wrong key fails) before the engine is contacted; the last ``HOLDBACK`` bytes are released only
 once the whole stream has authenticated, so Docker never sees the end of the tar of an archive
 that later fails; and a stop is noticed between pieces. A failed or cancelled load drops the
-connection mid-body (the chunked body's end is never sent), and the engine keeps nothing of it.
+connection mid-body, and the engine keeps nothing of it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import ctypes
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from loguru import logger
 
 from agent.archive import ArchiveManifest, ImageEntry, PayloadSplitter
-from agent.engine import STALL_TIMEOUT, Engine
+from agent.engine import Engine
 from agent.errors import NotFoundError, UnlockCancelled, UnlockError
 from agent.stream import HEADER_SIZE, decrypt_iter
 from agent.unlock.record import (
     ArchiveIdentity,
-    UnlockRecord,
     archive_identity,
     read_record,
     remove_stale_temp_files,
 )
-from agent.unlock.threads import call_soon, in_thread
 
 READ_SIZE = 1024 * 1024
-BATCH_SIZE = 1024 * 1024  # tar bytes handed from the worker thread to the loop at a time
-HANDOFF_DEPTH = 3  # batches in flight between them
 HOLDBACK = 64 * 1024  # > the tar end-of-archive marker (1 KiB) with a wide margin
 # glibc's mallopt(3) parameters, and what the load sets them to (see ``steady_heap``).
 M_TRIM_THRESHOLD = -1
@@ -74,9 +69,15 @@ def steady_heap() -> None:
     mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
 
 
-def recorded_unlock(state_dir: Path, archive: Path) -> UnlockRecord | None:
-    """The recorded unlock, if it is of this archive (or the archive is gone); ``None`` when
-    the archive is to be loaded. Blocking (reads files): run in a thread."""
+def already_loaded(
+    state_dir: Path,
+    archive: Path,
+    engine_factory: Callable[[], Engine],
+    api_version: str,
+) -> int | None:
+    """The checking stage: the number of images when the recorded unlock still holds (the same
+    archive, or none any more, and all its images present, tagged again if need be); ``None``
+    when the archive is to be loaded."""
     remove_stale_temp_files(state_dir)
     record = read_record(state_dir)
     if record is None:
@@ -84,20 +85,8 @@ def recorded_unlock(state_dir: Path, archive: Path) -> UnlockRecord | None:
     if archive.exists() and archive_identity(archive) != record.archive:
         logger.info("unlock: {} is a new archive, loading it", archive)
         return None
-    return record
-
-
-async def already_loaded(
-    record: UnlockRecord,
-    archive: Path,
-    engine_factory: Callable[[], Engine],
-    api_version: str,
-) -> int | None:
-    """The checking stage, after ``recorded_unlock``: the number of images when the recorded
-    unlock still holds (all its images present, tagged again if need be); ``None`` when the
-    archive is to be loaded."""
-    async with engine_factory() as engine:
-        if not await all_present(engine, record.images):
+    with engine_factory() as engine:
+        if not all_present(engine, record.images):
             if not archive.exists():
                 raise NotFoundError(
                     f"the images archive {archive} is gone and the images it held are no "
@@ -105,7 +94,7 @@ async def already_loaded(
                 )
             logger.info("unlock: recorded images are missing from the Docker engine, reloading")
             return None
-        await verify_images(engine, record.images, api_version)
+        verify_images(engine, record.images, api_version)
     logger.info("unlock: archive already loaded and all images present (no network needed)")
     return len(record.images)
 
@@ -178,60 +167,7 @@ def counted(pieces: Iterable[bytes], count: Callable[[int], None]) -> Iterator[b
         yield piece
 
 
-class Handoff:
-    """Tar pieces from the worker thread to the loop, ``BATCH_SIZE`` at a time, at most
-    ``HANDOFF_DEPTH`` batches in flight (bounded memory). A failure of the thread's stream
-    comes out of ``pieces`` on the loop; ``close`` on the loop stops a waiting thread."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._queue: asyncio.Queue[list[bytes] | BaseException | None] = asyncio.Queue()
-        self._space = threading.Semaphore(HANDOFF_DEPTH)
-        self._closed = False
-
-    def feed(self, pieces: Iterable[bytes]) -> None:
-        """Worker thread: hand ``pieces`` over, then the end (or the exception they raised)."""
-        try:
-            batch: list[bytes] = []
-            size = 0
-            for piece in pieces:
-                batch.append(piece)
-                size += len(piece)
-                if size >= BATCH_SIZE:
-                    self._put(batch)
-                    batch, size = [], 0
-            self._put(batch)
-            self._put(None)
-        except BaseException as exc:
-            call_soon(self._loop, self._queue.put_nowait, exc)
-            raise
-
-    def _put(self, item: list[bytes] | None) -> None:
-        if not self._space.acquire(timeout=STALL_TIMEOUT):
-            raise UnlockError(f"the Docker engine took nothing of the images for {STALL_TIMEOUT} s")
-        if self._closed:
-            raise UnlockCancelled("the load into the Docker engine was abandoned")
-        call_soon(self._loop, self._queue.put_nowait, item)
-
-    async def pieces(self) -> AsyncIterator[bytes]:
-        """On the loop: the pieces, in order; raises what the thread's stream raised."""
-        while True:
-            item = await self._queue.get()
-            self._space.release()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            for piece in item:
-                yield piece
-
-    def close(self) -> None:
-        """On the loop: nothing more is taken; a thread waiting for space goes on (and stops)."""
-        self._closed = True
-        self._space.release(HANDOFF_DEPTH + 1)
-
-
-async def load_archive(
+def load_archive(
     path: Path,
     fragments: list[bytes],
     engine_factory: Callable[[], Engine],
@@ -239,34 +175,23 @@ async def load_archive(
     progress: Callable[[int], None],
     decrypted: Callable[[int], None] = lambda size: None,
 ) -> LoadOutcome:
-    """Decrypt ``path`` straight into the engine's image load.
+    """Decrypt ``path`` straight into the engine's image load. Blocking: run in a thread.
 
-    The archive is read and decrypted in a worker thread; the tar goes to the engine from the
-    loop (``Engine.load``). ``progress`` is told the archive bytes read so far (worker thread),
-    ``decrypted`` each authenticated piece's size (worker thread)."""
+    ``progress`` is told the archive bytes read so far, ``decrypted`` each authenticated piece's
+    size."""
     steady_heap()
     reader = ArchiveReader(path, cancel, progress)
     splitter = PayloadSplitter(counted(decrypt_iter(reader.chunks(), fragments), decrypted))
-    # Wrong key or foreign file: fails before Docker.
-    manifest = await in_thread(splitter.read_manifest, cancel)
-    handoff = Handoff(asyncio.get_running_loop())
-    tar = until_cancelled(held_back(splitter.tar_chunks()), cancel)
-    producer = asyncio.ensure_future(in_thread(lambda: handoff.feed(tar), cancel))
-    try:
-        async with engine_factory() as engine:
-            loaded = await engine.load(handoff.pieces())
-        await producer
-    finally:
-        handoff.close()
-        with contextlib.suppress(Exception):  # its failure, if any, came out of the load
-            await producer
+    manifest = splitter.read_manifest()  # wrong key or foreign file: fails before Docker
+    with engine_factory() as engine:
+        loaded = engine.load(until_cancelled(held_back(splitter.tar_chunks()), cancel))
     return LoadOutcome(manifest=manifest, archive=reader.identity(), loaded=loaded)
 
 
-async def verify_images(engine: Engine, images: Iterable[ImageEntry], api_version: str) -> None:
+def verify_images(engine: Engine, images: Iterable[ImageEntry], api_version: str) -> None:
     """Every image present; each ``api_tag`` image tagged ``repository:API_VERSION``."""
     images = list(images)
-    held = await engine.image_ids()
+    held = engine.present(image.id for image in images)
     missing = [image for image in images if image.id not in held]
     if missing:
         names = ", ".join(f"{image.ref} ({image.id[:19]})" for image in missing)
@@ -274,10 +199,10 @@ async def verify_images(engine: Engine, images: Iterable[ImageEntry], api_versio
     for image in images:
         if image.api_tag and image.repository:
             wanted = f"{image.repository}:{api_version}"
-            if wanted not in await engine.repo_tags(image.id):
-                await engine.tag(image.id, image.repository, api_version)
+            if wanted not in engine.repo_tags(image.id):
+                engine.tag(image.id, image.repository, api_version)
 
 
-async def all_present(engine: Engine, images: Iterable[ImageEntry]) -> bool:
+def all_present(engine: Engine, images: Iterable[ImageEntry]) -> bool:
     ids = [image.id for image in images]
-    return await engine.present(ids) == set(ids)
+    return engine.present(ids) == set(ids)
