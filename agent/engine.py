@@ -59,14 +59,14 @@ def engine_text(text: str) -> str:
     return one_line(text.strip(), MAX_TEXT)
 
 
-def _address(host: str) -> tuple[int, str | tuple[str, int]]:
-    """The socket family and address of ``host`` (``unix:///path`` or ``tcp://host:port``)."""
+def _address(host: str) -> str | tuple[str, int]:
+    """The socket address of ``host``: a path (``unix:///path``) or (name, port) (``tcp://``)."""
     if host.startswith("unix://"):
-        return socket.AF_UNIX, host.removeprefix("unix://")
+        return host.removeprefix("unix://")
     if host.startswith("tcp://"):
         name, _, port = host.removeprefix("tcp://").rstrip("/").rpartition(":")
         if name and port.isdigit():
-            return socket.AF_INET, (name.strip("[]"), int(port))
+            return name.strip("[]"), int(port)
     raise DockerError(
         f"unsupported Docker engine address {one_line(host, MAX_TEXT)} "
         "(DOCKER_HOST must be unix:///path or tcp://host:port)"
@@ -108,7 +108,7 @@ class Engine:
         stall_timeout: float = STALL_TIMEOUT,
     ) -> None:
         self.host = host or os.environ.get("DOCKER_HOST") or DEFAULT_HOST
-        self._family, self._address = _address(self.host)
+        self._address = _address(self.host)
         self._call_timeout = call_timeout
         self._stall_timeout = stall_timeout
 
@@ -123,13 +123,20 @@ class Engine:
 
     def _connect(self, timeout: float) -> socket.socket:
         """A connected socket, or ``DockerUnavailable`` while the engine is not up."""
-        sock = socket.socket(self._family, socket.SOCK_STREAM)
-        sock.settimeout(min(timeout, CALL_TIMEOUT))
+        address = self._address
         try:
-            sock.connect(self._address)
+            if isinstance(address, str):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    sock.settimeout(min(timeout, CALL_TIMEOUT))
+                    sock.connect(address)
+                except OSError:
+                    sock.close()
+                    raise
+            else:  # IPv4 or IPv6, as the name resolves
+                sock = socket.create_connection(address, min(timeout, CALL_TIMEOUT))
             sock.settimeout(timeout)
         except OSError as exc:
-            sock.close()
             raise DockerUnavailable(
                 f"cannot connect to the Docker engine at {one_line(self.host, MAX_TEXT)}: "
                 f"{exc.strerror or exc} (is dockerd running?)"

@@ -266,3 +266,22 @@ async def test_an_answer_that_is_not_json_lines(hostile: Serve) -> None:
     host = await hostile("POST", "/images/load", garbage)
     with pytest.raises(DockerError, match="not JSON lines"):
         await load_in_thread(Engine(host))
+
+
+async def test_a_tcp_engine_is_reached() -> None:
+    async def images(request: web.Request) -> web.StreamResponse:
+        assert request.query["all"] == "1"
+        return web.json_response([{"Id": "sha256:" + "a" * 64}, {"no": "id"}, "junk"])
+
+    app = web.Application()
+    app.router.add_get("/images/json", images)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        held = await asyncio.to_thread(Engine(f"tcp://127.0.0.1:{port}").image_ids)
+    finally:
+        await runner.cleanup()
+    assert held == {"sha256:" + "a" * 64}
