@@ -42,8 +42,8 @@ process whose heap is small; the bench process's large fragmented heap never tri
 Docker SDK's import in the fresh process is only ~0.07 s.
 
 Why the agent is told ready by sd_notify, not polled: 10 ms polls of ``/unlock/status`` cost
-the agent ~0.14 s of CPU per unlock (its CPU during the unlock: 0.32 s polled, 0.18 s told, same
-code), CPU taken from the engine on a 2-core machine, and an observer the CLI does not have;
+the agent ~0.11-0.14 s of CPU per unlock (bench/README.md), CPU taken from the engine on a
+2-core machine, and an observer the CLI does not have;
 STATUS= is what systemd sees, sent at the same moment the state turns ready.
 
     .venv/bin/python bench/bench_unlock.py [--size-mb 320] [--runs 5] [--no-original]
