@@ -232,7 +232,7 @@ class Engine:
         if stopped is not None:  # it stopped taking the body: perhaps it says why
             if isinstance(stopped, TimeoutError):
                 raise DockerError(
-                    f"the Docker engine took nothing of the images for {self._stall_timeout:.0f} s"
+                    f"the Docker engine took nothing of the images for {self._stall_timeout:g} s"
                 ) from stopped
             sock.settimeout(ANSWER_TIMEOUT)
         response = http.client.HTTPResponse(sock, method="POST")
