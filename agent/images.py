@@ -1,7 +1,7 @@
 """The Docker engine through the Docker SDK, as ``pack-images`` needs it: look up, save.
 
-(The unlock talks to the engine's API directly, on the loop: ``agent.engine``.) Everything here
-is blocking (the Docker SDK is); async callers run it in a worker thread.
+(The unlock talks to the engine's API directly, without the SDK: ``agent.engine``.) Everything
+here is blocking (the Docker SDK is); async callers run it in a worker thread.
 Foreign errors are translated in one place, ``_translated``: an engine that cannot be reached
 (no socket yet, connection refused) is ``DockerUnavailable``, which callers retry; anything the
 engine itself refuses is ``DockerError``.
