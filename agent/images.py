@@ -1,6 +1,7 @@
-"""The Docker engine, as the unlock and ``pack-images`` need it: save, load, look up, tag.
+"""The Docker engine through the Docker SDK, as ``pack-images`` needs it: look up, save.
 
-Everything here is blocking (the Docker SDK is); async callers run it in a worker thread.
+(The unlock talks to the engine's API directly, without the SDK: ``agent.engine``.) Everything
+here is blocking (the Docker SDK is); async callers run it in a worker thread.
 Foreign errors are translated in one place, ``_translated``: an engine that cannot be reached
 (no socket yet, connection refused) is ``DockerUnavailable``, which callers retry; anything the
 engine itself refuses is ``DockerError``.
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -135,30 +136,10 @@ class ImageEngine:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def ping(self) -> None:
-        with _translated("reach the Docker engine"):
-            self._client.ping()
-
     def image_id(self, ref: str) -> str:
         """The full ID (``sha256:...``) of ``ref``; ``NotFoundError`` if the engine lacks it."""
         with _translated(f"find image {ref}"):
             return str(self._client.api.inspect_image(ref)["Id"])
-
-    def present(self, image_ids: Iterable[str]) -> set[str]:
-        """Which of ``image_ids`` the engine holds."""
-        with _translated("list images"):
-            held = set(self._client.api.images(all=True, quiet=True))
-        return {image_id for image_id in image_ids if image_id in held}
-
-    def repo_tags(self, image_id: str) -> set[str]:
-        with _translated(f"inspect image {image_id}"):
-            return set(self._client.api.inspect_image(image_id).get("RepoTags") or ())
-
-    def tag(self, image_id: str, repository: str, tag: str) -> None:
-        """Point ``repository:tag`` at ``image_id`` (moving the tag if it pointed elsewhere)."""
-        with _translated(f"tag image as {repository}:{tag}"):
-            if not self._client.api.tag(image_id, repository, tag, force=True):
-                raise DockerError(f"the Docker engine refused to tag {repository}:{tag}")
 
     def save(self, refs: Sequence[str], chunk_size: int = SAVE_CHUNK_SIZE) -> Iterator[bytes]:
         """``docker save refs...`` as a stream of tar bytes (one tar; shared layers once)."""
@@ -173,67 +154,3 @@ class ImageEngine:
     def _stream(chunks: Iterator[bytes]) -> Iterator[bytes]:
         with _translated("save images"):
             yield from chunks
-
-    def load(self, chunks: Iterable[bytes]) -> list[str]:
-        """``docker load`` from a stream of tar bytes; returns what the engine reports loaded.
-
-        The request body is ``chunks`` itself (chunked transfer), so nothing is buffered or
-        written to disk here. If ``chunks`` raises, the same exception comes out of this call
-        and the connection is dropped mid-body: the engine sees a truncated upload and keeps
-        nothing of it.
-        """
-        source = _RecordingIterator(chunks)
-        try:
-            with _translated("load images into the Docker engine"):
-                messages = list(self._client.api.load_image(source, quiet=True))
-        except Exception as exc:
-            if source.error is not None:
-                raise source.error from None
-            if isinstance(exc, DockerUnavailable):
-                self._raise_if_dropped_while_up()
-            raise
-        if source.error is not None:  # the SDK swallowed it; never report such a load as fine
-            raise source.error
-        return _loaded_names(messages)
-
-    def _raise_if_dropped_while_up(self) -> None:
-        """The connection broke mid-load: if the engine still answers, it refused the data."""
-        try:
-            self.ping()
-        except DockerUnavailable:
-            return
-        raise DockerError("the Docker engine closed the connection while loading the images")
-
-
-class _RecordingIterator:
-    """Iterates ``chunks`` and remembers the exception it raised, whatever the SDK does with it."""
-
-    def __init__(self, chunks: Iterable[bytes]) -> None:
-        self._chunks = iter(chunks)
-        self.error: BaseException | None = None
-
-    def __iter__(self) -> Iterator[bytes]:
-        return self
-
-    def __next__(self) -> bytes:
-        try:
-            return next(self._chunks)
-        except StopIteration:
-            raise
-        except BaseException as exc:
-            self.error = exc
-            raise
-
-
-def _loaded_names(messages: Iterable[Any]) -> list[str]:
-    loaded: list[str] = []
-    for message in messages:
-        if not isinstance(message, dict):
-            continue
-        if message.get("error"):
-            raise DockerError(f"the Docker engine could not load the images: {message['error']}")
-        text = str(message.get("stream", "")).strip()
-        for prefix in ("Loaded image ID: ", "Loaded image: "):
-            if text.startswith(prefix):
-                loaded.append(text.removeprefix(prefix))
-    return loaded

@@ -24,6 +24,7 @@ from agent import keys
 from agent.api_client import ResourceApiClient
 from agent.archive import ArchiveManifest, ImageEntry, payload_head
 from agent.durable import write_stream_atomically
+from agent.engine import Engine
 from agent.errors import NotFoundError
 from agent.images import ImageEngine
 from agent.pack import pack_images
@@ -146,7 +147,7 @@ class Rig:
     def manager(
         self,
         *,
-        engine_factory: Callable[[], ImageEngine] | None = None,
+        engine_factory: Callable[[], Engine] | None = None,
         states: list[str] | None = None,
         time_source: Stepped | None = None,
         **overrides: Any,
@@ -309,9 +310,9 @@ class CountingEngines:
         self.host = host
         self.connections = 0
 
-    def __call__(self) -> ImageEngine:
+    def __call__(self) -> Engine:
         self.connections += 1
-        return ImageEngine.connect(self.host)
+        return Engine(self.host)
 
 
 async def test_wrong_fragment_fails_before_docker_then_a_fresh_attempt_works(rig: Rig) -> None:
@@ -560,14 +561,14 @@ class PausingEngines:
         self.manager: UnlockManager | None = None
         self.first_piece_sent = threading.Event()
 
-    def __call__(self) -> ImageEngine:
+    def __call__(self) -> Engine:
         engines = self
 
-        class Pausing(ImageEngine):
+        class Pausing(Engine):
             def load(self, chunks: Iterable[bytes]) -> list[str]:
                 return super().load(engines.paused(chunks))
 
-        return Pausing.connect(self.host)
+        return Pausing(self.host)
 
     def paused(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
         for index, piece in enumerate(chunks):

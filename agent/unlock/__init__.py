@@ -12,12 +12,13 @@ Docker engine not up) is being backed off; ``progress.stage`` then still names t
 will be retried. At boot the retries go on indefinitely, and they are the only retries: each
 attempt shown is one request to the Resource API.
 
-``loading`` is one stream: archive file -> decryptor -> ``docker load`` (chunked HTTP body), in
-a worker thread. Only authenticated plaintext is passed on, the manifest at the head of the
-payload is read (so a wrong key fails) before the engine is contacted, and the last
-``HOLDBACK`` bytes are released only once the whole stream has authenticated: Docker cannot
-see the end of the tar, and so cannot finish a load, of an archive that later fails. A failed
-or cancelled load drops the connection mid-body, and the engine keeps nothing of it.
+``loading`` is one stream: archive file -> decryptor -> ``docker load`` (chunked HTTP body,
+``agent.engine``: the engine's API directly, no Docker SDK), in a worker thread. Only
+authenticated plaintext is passed on, the manifest at the head of the payload is read (so a
+wrong key fails) before the engine is contacted, and the last ``HOLDBACK`` bytes are released
+only once the whole stream has authenticated: Docker cannot see the end of the tar, and so
+cannot finish a load, of an archive that later fails. A failed or cancelled load drops the
+connection mid-body, and the engine keeps nothing of it.
 
 A successful unlock is recorded (atomically) in ``LOADER_STATE_DIR/unlock.json``: the archive's
 digest and the image IDs. At the next boot, the same archive with all those images present

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, TypeVar
 from loguru import logger
 
 from agent import keys
+from agent.engine import Engine
 from agent.errors import DockerUnavailable, LoaderError, NotAuthenticated, NotFoundError, describe
-from agent.images import ImageEngine
 from agent.retry import Clock, RetryPolicy, Sleep, retry_call
 from agent.schemas import UnlockState, UnlockStatus
 from agent.settings import Settings
@@ -53,7 +53,7 @@ class UnlockManager:
         settings: Settings,
         api: ResourceApiClient,
         *,
-        engine_factory: Callable[[], ImageEngine] | None = None,
+        engine_factory: Callable[[], Engine] | None = None,
         on_change: Callable[[], None] | None = None,
         retry_policy: RetryPolicy = BOOT_RETRY_POLICY,
         clock: Clock = time.monotonic,
@@ -63,7 +63,7 @@ class UnlockManager:
     ) -> None:
         self._settings = settings
         self._api = api
-        self._engine_factory = engine_factory or (lambda: ImageEngine.connect(settings.docker_host))
+        self._engine_factory = engine_factory or (lambda: Engine(settings.docker_host))
         self._on_change = on_change
         self._policy = retry_policy
         self._clock = clock
@@ -301,7 +301,7 @@ class UnlockManager:
         await asyncio.to_thread(write_record, self._state_dir, record)
         self._view.image_count = len(images)
 
-    async def _in_engine(self, use: Callable[[ImageEngine], T]) -> T:
+    async def _in_engine(self, use: Callable[[Engine], T]) -> T:
         """Connect, ``use`` the engine, disconnect: all in a worker thread."""
 
         def connected() -> T:

@@ -5,6 +5,9 @@ The load is one stream:
 
     ArchiveReader -> decrypt_iter -> PayloadSplitter -> held_back -> until_cancelled -> load
 
+where ``load`` is ``agent.engine.Engine.load``: the pieces go to the engine's ``POST
+/images/load`` as a chunked body, each written with one ``sendmsg`` from this same thread.
+
 Only authenticated plaintext is passed on; the manifest at the head of the payload is read (so
 a wrong key fails) before the engine is contacted; the last ``HOLDBACK`` bytes are released only
 once the whole stream has authenticated, so Docker never sees the end of the tar of an archive
@@ -24,8 +27,8 @@ from pathlib import Path
 from loguru import logger
 
 from agent.archive import ArchiveManifest, ImageEntry, PayloadSplitter
+from agent.engine import Engine
 from agent.errors import NotFoundError, UnlockCancelled, UnlockError
-from agent.images import ImageEngine
 from agent.stream import HEADER_SIZE, decrypt_iter
 from agent.unlock.record import (
     ArchiveIdentity,
@@ -69,7 +72,7 @@ def steady_heap() -> None:
 def already_loaded(
     state_dir: Path,
     archive: Path,
-    engine_factory: Callable[[], ImageEngine],
+    engine_factory: Callable[[], Engine],
     api_version: str,
 ) -> int | None:
     """The checking stage: the number of images when the recorded unlock still holds (the same
@@ -167,7 +170,7 @@ def counted(pieces: Iterable[bytes], count: Callable[[int], None]) -> Iterator[b
 def load_archive(
     path: Path,
     fragments: list[bytes],
-    engine_factory: Callable[[], ImageEngine],
+    engine_factory: Callable[[], Engine],
     cancel: threading.Event,
     progress: Callable[[int], None],
     decrypted: Callable[[int], None] = lambda size: None,
@@ -185,10 +188,11 @@ def load_archive(
     return LoadOutcome(manifest=manifest, archive=reader.identity(), loaded=loaded)
 
 
-def verify_images(engine: ImageEngine, images: Iterable[ImageEntry], api_version: str) -> None:
+def verify_images(engine: Engine, images: Iterable[ImageEntry], api_version: str) -> None:
     """Every image present; each ``api_tag`` image tagged ``repository:API_VERSION``."""
     images = list(images)
-    missing = [image for image in images if image.id not in engine.present([image.id])]
+    held = engine.present(image.id for image in images)
+    missing = [image for image in images if image.id not in held]
     if missing:
         names = ", ".join(f"{image.ref} ({image.id[:19]})" for image in missing)
         raise UnlockError(f"images missing from the Docker engine after loading: {names}")
@@ -199,6 +203,6 @@ def verify_images(engine: ImageEngine, images: Iterable[ImageEntry], api_version
                 engine.tag(image.id, image.repository, api_version)
 
 
-def all_present(engine: ImageEngine, images: Iterable[ImageEntry]) -> bool:
+def all_present(engine: Engine, images: Iterable[ImageEntry]) -> bool:
     ids = [image.id for image in images]
     return engine.present(ids) == set(ids)
