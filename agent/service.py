@@ -43,10 +43,11 @@ LOOP_ERROR_LOG_INTERVAL = 5.0
 
 LoopExceptionHandler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]
 
-# Imported only when first used, after READY=1 (the Docker SDK by the unlock, in a worker
-# thread, see agent.images): whether they are installed is checked at start instead, so a broken
-# installation stops ``serve`` with one line rather than failing the first unlock.
-DEFERRED_IMPORTS = {"docker": "the Docker SDK for Python", "requests": "requests"}
+# Imported only when first used, after READY=1 (prometheus_client by the first request for
+# /metrics, see agent.metrics): whether they are installed is checked at start instead, so a
+# broken installation stops ``serve`` with one line rather than failing a later request. The
+# unlock needs no Docker SDK (agent.engine).
+DEFERRED_IMPORTS = {"prometheus_client": "prometheus-client"}
 
 
 def resource_api_client(settings: Settings) -> ResourceApiClient:
