@@ -1,4 +1,4 @@
-"""Publisher-side subcommands: ``pack-images``.
+"""Publisher-side subcommands: ``pack-images``, ``publisher-keygen``.
 
 The Docker SDK and the packer are imported when the command runs, not when the parser is built.
 """
@@ -48,6 +48,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     parser.set_defaults(func=run_pack_images)
 
+    keygen = sub.add_parser(
+        "publisher-keygen",
+        help="make a publisher signing key (Ed25519)",
+        description=(
+            "Write a new Ed25519 publisher key: the private key to KEY (mode 0600; keep it off "
+            "devices) and the public key to KEY.pub (install it on devices in "
+            "/etc/azaion-loader/publishers.d/). The public key line is also printed. An "
+            "existing KEY or KEY.pub is never overwritten."
+        ),
+    )
+    keygen.add_argument("--out", required=True, type=Path, metavar="KEY")
+    keygen.add_argument("--comment", default="", help="a note kept on the public key line")
+    keygen.set_defaults(func=run_publisher_keygen)
+
 
 def run_pack_images(args: argparse.Namespace) -> int:
     from agent import keys
@@ -83,3 +97,12 @@ def _device_fragment(path: Path) -> bytes:
     keys.write_fragment_file(path, fragment)
     print(f"created device key fragment {path}")
     return fragment
+
+
+def run_publisher_keygen(args: argparse.Namespace) -> int:
+    from agent import signing
+
+    public = signing.write_key_pair(args.out, args.comment)
+    print(public.to_line(), end="")
+    print(f"key id {public.name}; public key also in {args.out}.pub", flush=True)
+    return 0
