@@ -4,14 +4,16 @@ The archive is one encrypted stream (``agent.stream``, ``ARCHIVE_CHUNK_SIZE`` ch
 plaintext payload is
 
     payload  = PAYLOAD_MAGIC || u32 manifest_length || manifest || docker_save_tar
-    manifest = UTF-8 JSON: {"version": 1, "created": ISO time, "images": [
+    manifest = UTF-8 JSON: {"version": 1, "created": ISO time, "release": N, "images": [
                    {"ref": "azaion/app:1.2", "id": "sha256:...",
                     "repository": "azaion/app" | null, "api_tag": true | false}, ...]}
 
 The manifest comes first, so the unlock knows what to expect (and that the key is right)
 before a byte reaches Docker, and it sits inside the encrypted, authenticated payload, so the
 archive says nothing in the clear. ``api_tag`` asks the device to tag that image
-``repository:API_VERSION`` after loading.
+``repository:API_VERSION`` after loading. ``release`` is the publisher's release number (0 when
+the publisher gave none; older archives lack it and read as 0): a publisher signature
+(``agent.signing``) covers the manifest, so a device can refuse an older release.
 
 This module is the format alone: bytes and iterables of bytes in, bytes and objects out. The
 publisher (``agent.pack``) and the device (``agent.unlock``) both read it from here; files,
@@ -73,11 +75,13 @@ class ArchiveManifest:
 
     images: tuple[ImageEntry, ...]
     created: str = ""
+    release: int = 0
 
     def encode(self) -> bytes:
         document = {
             "version": MANIFEST_VERSION,
             "created": self.created,
+            "release": self.release,
             "images": [image.to_json() for image in self.images],
         }
         return json.dumps(document, separators=(",", ":"), sort_keys=True).encode("utf-8")
@@ -96,9 +100,13 @@ class ArchiveManifest:
         if not isinstance(images, list) or not images:
             raise UnsupportedFormatError("the images manifest lists no images")
         created = document.get("created")
+        release = document.get("release", 0)
+        if isinstance(release, bool) or not isinstance(release, int) or not 0 <= release < 2**63:
+            raise UnsupportedFormatError("the images manifest's release is not a release number")
         return cls(
             images=tuple(ImageEntry.from_json(item) for item in images),
             created=created if isinstance(created, str) else "",
+            release=release,
         )
 
 

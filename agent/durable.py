@@ -62,13 +62,13 @@ def _beside(
     sync_directory(path.parent)
 
 
-def write_atomically(path: Path, data: bytes, *, replace: bool = True) -> None:
-    """Write ``data`` to ``path`` durably and atomically (mode 0600).
+def write_atomically(path: Path, data: bytes, *, replace: bool = True, mode: int = PRIVATE) -> None:
+    """Write ``data`` to ``path`` durably and atomically (mode 0600 unless ``mode`` says).
 
     With ``replace=False`` an existing ``path`` is left alone and ``FileExistsError`` raised.
     Other failures raise ``OSError``; no temporary file is left behind either way.
     """
-    with _beside(path, replace=replace) as file:
+    with _beside(path, replace=replace, mode=mode) as file:
         file.write(data)
 
 

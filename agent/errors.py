@@ -29,6 +29,7 @@
     |   +-- TruncatedError          the stream ended before its final chunk
     |   +-- TrailingDataError       bytes after the final chunk
     |   +-- UnsupportedFormatError  not this format, or a version we do not know
+    +-- SignatureError              a publisher signature is missing, untrusted or wrong
     +-- DockerError                 the Docker engine failed or is not reachable
     |   +-- DockerUnavailable       engine not up (transient)
     +-- UnlockError                 the unlock workflow failed
@@ -186,6 +187,11 @@ class UnsupportedFormatError(StreamError):
     pass
 
 
+class SignatureError(LoaderError):
+    """A publisher signature is missing (while required), by an untrusted key, or does not
+    verify (agent.signing)."""
+
+
 class DockerError(LoaderError):
     pass
 
@@ -264,6 +270,7 @@ MEANINGS: dict[type[LoaderError], Meaning] = {
     TruncatedError: Meaning(502, "truncated", "{subject} is truncated"),
     TrailingDataError: Meaning(502, "trailing_data", "{subject} has extra data at its end"),
     UnsupportedFormatError: Meaning(502, "unsupported_format", "{subject} is not readable"),
+    SignatureError: Meaning(502, "bad_signature", "{subject} failed its signature check"),
     DockerError: Meaning(502, "docker_error", "Docker load error"),
     DockerUnavailable: Meaning(503, "docker_unavailable", "Docker load error"),
     UnlockError: Meaning(500, "unlock_failed"),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import keys
+from agent import keys, signing
 from agent.archive import PAYLOAD_MAGIC, ArchiveManifest, ImageEntry, PayloadSplitter, payload_head
 from agent.durable import write_stream_atomically
 from agent.errors import LoaderError, UnsupportedFormatError, WrongKeyError
@@ -99,7 +99,11 @@ def test_stream_write_leaves_old_file_on_failure(tmp_path: Path) -> None:
 
 
 def decrypt_payload(archive: Path, fragments: list[bytes]) -> tuple[ArchiveManifest, bytes]:
-    splitter = PayloadSplitter(decrypt_iter(pieces_of(archive.read_bytes(), 65536), fragments))
+    return decrypt_payload_bytes(archive.read_bytes(), fragments)
+
+
+def decrypt_payload_bytes(data: bytes, fragments: list[bytes]) -> tuple[ArchiveManifest, bytes]:
+    splitter = PayloadSplitter(decrypt_iter(pieces_of(data, 65536), fragments))
     manifest = splitter.read_manifest()
     return manifest, b"".join(splitter.tar_chunks())
 
@@ -194,3 +198,40 @@ def test_pack_images_cli_unknown_image_fails_cleanly(dockerd: Dockerd, tmp_path:
     assert done.returncode == 1
     assert "azaion/no-such-image:1" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.docker
+def test_pack_images_signs_in_the_same_pass(dockerd: Dockerd, tmp_path: Path) -> None:
+    """--sign-key: the archive ends with a block over exactly the stream before it, that a
+    device trusting the key verifies, and the payload's manifest carries the release."""
+    import_image(dockerd.client, "azaion/test-pack:signed")
+    key = tmp_path / "publisher.key"
+    signing.write_key_pair(key)
+    archive, api_file = tmp_path / "images.enc", tmp_path / "api.key"
+    args = ["pack-images", "--out", str(archive), "--fragment-out", str(api_file)]
+
+    unreleased = run_cli(*args, "--sign-key", str(key), "azaion/test-pack:signed",
+                         docker_host=dockerd.host)  # fmt: skip
+    assert unreleased.returncode == 2 and "--release" in unreleased.stderr
+    assert not archive.exists()
+
+    done = run_cli(*args, "--sign-key", str(key), "--release", "12", "azaion/test-pack:signed",
+                   docker_host=dockerd.host)  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    assert "signed as release 12" in done.stdout
+    with archive.open("rb") as file:
+        size, block = signing.split_archive(file)
+        stream_bytes = file.read(size)
+    assert block is not None and block.statement.release == 12
+    manifest, _ = decrypt_payload_bytes(stream_bytes, [keys.read_fragment_file(api_file)])
+    assert manifest.release == 12
+    measured = signing.Statement(
+        signing.Kind.ARCHIVE,
+        bytes(8),
+        0,
+        size,
+        hashlib.sha256(stream_bytes).digest(),
+        hashlib.sha256(manifest.encode()).digest(),
+    )
+    signing.TrustStore.load(tmp_path).verify(block, measured, "the archive")
