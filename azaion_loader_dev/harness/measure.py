@@ -63,7 +63,8 @@ class RawDecrypt:
     """Raw AES-GCM over 64 KiB records laid out in memory (bench_stream.py's raw baseline)."""
 
     def __init__(self, size: int) -> None:
-        self.aead = AESGCM(os.urandom(32))
+        self.key = os.urandom(32)  # the C floor of bench_load_socket.py decrypts the same records
+        self.aead = AESGCM(self.key)
         block = os.urandom(stream.CHUNK_SIZE)
         records = size // stream.CHUNK_SIZE
         self.nonces = [index.to_bytes(12, "big") for index in range(records)]
