@@ -48,7 +48,6 @@ from agent.schemas import UploadResult
 READ_SIZE = 1024 * 1024  # ciphertext per block (at the default chunk size, 16 chunks)
 BLOCK_CHUNKS = READ_SIZE // stream.CHUNK_SIZE  # per block: as many chunks of other sizes as fit
 LOAD_BUFFER_BYTES = 32 * 1024 * 1024  # default of LOADER_LOAD_BUFFER_MIB
-TURN_SECONDS = 0.00025  # a load lets other tasks run at least this often (/health p99)
 UPLOAD_BATCH = 1024 * 1024  # plaintext per worker-thread step when encrypting an upload
 HEAD_DATA_BYTES = 4096  # ciphertext after the stream header that stays in the small part
 HEAD_SIZE = stream.HEADER_SIZE + HEAD_DATA_BYTES
@@ -140,7 +139,7 @@ class ResourceStore:
         self._cache = BigPartCache(cache_dir)
         self._downloads = BigPartDownloads(api, self._cache)
         self.stats = ResourceStats()
-        self.buffers = LoadBuffers(load_buffer_bytes)
+        self.shared = SharedByLoads(LoadBuffers(load_buffer_bytes), LoadTurns())
 
     @property
     def cache(self) -> BigPartCache:
@@ -238,7 +237,7 @@ class ResourceStore:
                         f"the cached big part of {folder}/{name} keeps disappearing"
                     ) from None
         try:
-            return Resource(small, file, lambda: self._cache.forget(path), self.stats, self.buffers)
+            return Resource(small, file, lambda: self._cache.forget(path), self.stats, self.shared)
         except BaseException:
             file.close()
             raise
@@ -345,6 +344,55 @@ class LoadBuffers:
             granted.set_result(self._take(size))
 
 
+class LoadTurns:
+    """Turns on the event loop, shared by all loads: one load's step (read and decrypt a
+    block, ~0.15 ms at the default chunk size) per loop iteration, in the order they asked.
+
+    asyncio runs every callback that is ready before it polls its sockets again, so fifty
+    loads with a block each to decrypt made one iteration of ~50 steps (~10 ms, several per
+    ``/status`` answer: its p99 was 59 ms). A step asks for its turn; the first in an
+    iteration has it at once, the others queue and are let through one per iteration, so a
+    request arriving meanwhile waits for at most about one step. A load alone is never held
+    back (its steps are iterations apart anyway).
+    """
+
+    def __init__(self) -> None:
+        self._taken = False  # this iteration's turn is taken (or handed to a queued load)
+        self._queue: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def take(self) -> None:
+        loop = asyncio.get_running_loop()
+        if not self._taken:
+            self._taken = True
+            loop.call_soon(self._pass_on)  # runs in the next iteration
+            return
+        turn: asyncio.Future[None] = loop.create_future()
+        self._queue.append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if not turn.done() or turn.cancelled():
+                self._queue.remove(turn)
+            raise  # a turn handed over as it was cancelled just ends at _pass_on
+
+    def _pass_on(self) -> None:
+        while self._queue:
+            turn = self._queue.popleft()
+            if not turn.done():
+                turn.set_result(None)  # that load runs in the next iteration...
+                asyncio.get_running_loop().call_soon(self._pass_on)  # ...and only it
+                return
+        self._taken = False
+
+
+@dataclass(frozen=True)
+class SharedByLoads:
+    """What all of a store's loads share: the bound on their memory, and the loop's turns."""
+
+    buffers: LoadBuffers
+    turns: LoadTurns
+
+
 class Resource:
     """A resource being loaded: ``size`` is its plaintext length; iterate for verified blocks.
 
@@ -354,8 +402,8 @@ class Resource:
     (or ``aclose``), which gives the block back; copy what must be kept. While the caller
     sends one block, the next is read (see ``_read``) and decrypted with
     ``AESGCM.decrypt_into`` into the block's own plaintext room, no buffer allocated per
-    chunk and no join (the previous version's extra copy of every byte). Both run on the loop
-    in short turns (``TURN_SECONDS``; ~0.15 ms per block): a worker thread decrypting each
+    chunk and no join (the previous version's extra copy of every byte). Both run on the loop,
+    a block a turn (``LoadTurns``; ~0.15 ms per block): a worker thread decrypting each
     block beside the loop measured slower (1 GiB over the socket, ~0.7x): the GIL is taken
     back after every 64 KiB chunk, and the two threads' handing it to and fro cost more than
     the AES it moved (~15 futex calls per MiB). Should a chunk fail to authenticate (the file
@@ -370,12 +418,13 @@ class Resource:
         file: io.BufferedReader,
         forget: Callable[[], None],
         stats: ResourceStats,
-        buffers: LoadBuffers,
+        shared: SharedByLoads,
     ) -> None:
         self._file = file
         self._forget = forget
         self._stats = stats
-        self._buffers = buffers
+        self._buffers = shared.buffers
+        self._turns = shared.turns
         big_fragment = _read_big_prefix(file)
         try:
             self.size = plaintext_size(small, len(big_fragment))
@@ -396,7 +445,6 @@ class Resource:
         self._offset = file.tell()  # where the ciphertext goes on; reads are positional
         self._nowait = True  # page-cache reads on the loop, unless the file system refuses them
         self._reading: asyncio.Future[int] | None = None  # a read in a worker thread
-        self._turn_ends = 0.0  # loop time at which this load lets other tasks run
         self._next: asyncio.Task[tuple[bytearray, memoryview]] | None = None  # block ahead
         self._next_acquired = False  # that task holds its block: it runs to its end
         self._current: bytearray | None = None  # the block the caller holds
@@ -416,7 +464,6 @@ class Resource:
         self._give_back()
         try:
             while not self._closed:
-                await self._take_turns()
                 if self._next is None:
                     if self._exhausted:
                         break
@@ -449,19 +496,12 @@ class Resource:
         self._next_acquired = False
         self._next = asyncio.ensure_future(self._step())
 
-    async def _take_turns(self) -> None:
-        """Let other tasks run once this load has had the loop for ``TURN_SECONDS``: a consumer
-        whose writes never wait (a fast reader) must not starve them."""
-        loop = asyncio.get_running_loop()
-        if loop.time() >= self._turn_ends:
-            await asyncio.sleep(0)
-            self._turn_ends = loop.time() + TURN_SECONDS
-
     async def _step(self) -> tuple[bytearray, memoryview]:
         """One block: wait for its room in the budget, read, decrypt; its verified plaintext."""
         block = await self._buffers.acquire(self._block_size)
         self._next_acquired = True
         try:
+            await self._turns.take()
             view = memoryview(block)
             cipher, plain = view[: self._cipher_size], view[self._cipher_size :]
             filled = len(self._carry)
@@ -474,7 +514,6 @@ class Resource:
                 self._offset += count
                 filled += count
             self._buffer = memoryview(b"")
-            await self._take_turns()
             done = self._open(cipher, filled, plain)
             self._decrypted += done
             if self._exhausted and self._decrypted != self.size:

@@ -508,7 +508,8 @@ def report(results: list[SizeResult], runs: int) -> bool:
         if result.wall["before"]:
             print(
                 f"  warm /load / --compare's: socket "
-                f"{result.ratio(result.wall, 'warm', 'before'):.2f}x wall, {result.ratio(result.cpu, 'warm', 'before'):.2f}x per CPU-s; TCP "
+                f"{result.ratio(result.wall, 'warm', 'before'):.2f}x wall, "
+                f"{result.ratio(result.cpu, 'warm', 'before'):.2f}x per CPU-s; TCP "
                 f"{result.ratio(result.wall, 'warm_tcp', 'before_tcp'):.2f}x wall, "
                 f"{result.ratio(result.cpu, 'warm_tcp', 'before_tcp'):.2f}x per CPU-s"
             )
