@@ -19,9 +19,12 @@ socket; then, in the same run and interleaved (medians of ``--runs``):
 5. the physical floor, in C (``bench/load_floor.c``, compiled here with ``gcc -O2 -lcrypto``):
    the same path with nothing else: pread 16 records (1 MiB + tags) of the same page-cached
    ciphertext, EVP aes-256-gcm decrypt each with its tag checked into one buffer, ``send`` it
-   over a Unix socket, and again over TCP loopback, to the reader of 4. (``recv_into`` 1 MiB,
-   as the ``/load`` client reads its body). What a program with no interpreter reaches on the
-   path ``/load`` takes;
+   over a Unix socket (with the send buffer the agent asks for, ``LOAD_SEND_BUFFER``), and
+   again over TCP loopback, to the reader of 4. (``recv_into`` 1 MiB, as the ``/load`` client
+   reads its body). What a program with no interpreter reaches on the path ``/load`` takes.
+   It links the system's libcrypto (Debian 12: OpenSSL 3.0, ~5.2 GB/s AES-256-GCM here),
+   which is slower than the OpenSSL that cryptography's wheel carries (~9 GB/s, VAES): the
+   floor is what the path costs with the C library a device has;
 6. ``/load`` over the socket, warm cache (the client reads 1 MiB at a time and discards), and
    the same over loopback TCP;
 7. the same while a second process asks ``/health`` every few milliseconds (its latencies);
@@ -66,6 +69,7 @@ from typing import Any
 from agent import stream
 from agent.api_client import ResourceApiClient
 from agent.localclient import AgentClient, UnixConnection
+from agent.server import LOAD_SEND_BUFFER
 from azaion_loader_dev.harness.agent import AgentProcess, agent_env
 from azaion_loader_dev.harness.devapi import DevApi, new_dev_api
 from azaion_loader_dev.harness.measure import (
@@ -308,9 +312,11 @@ class Floor:
             reader = subprocess.Popen(
                 [sys.executable, "-c", DRAIN, str(theirs.fileno())], pass_fds=[theirs.fileno()]
             )
+        # Over the socket, the send buffer the agent asks for its loads (LOAD_SEND_BUFFER).
+        tuning = ["16", str(MIB), str(LOAD_SEND_BUFFER)] if transport == "unix" else []
         with ours:
             out = subprocess.run(
-                [str(self._binary), str(self._records), self._key, str(ours.fileno())],
+                [str(self._binary), str(self._records), self._key, str(ours.fileno()), *tuning],
                 pass_fds=[ours.fileno()],
                 capture_output=True,
                 text=True,
