@@ -359,9 +359,13 @@ class LoadTurns:
     def __init__(self) -> None:
         self._taken = False  # this iteration's turn is taken (or handed to a queued load)
         self._queue: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def take(self) -> None:
         loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a new loop (a restarted test, say): nothing carries over
+            self._loop, self._taken = loop, False
+            self._queue.clear()
         if not self._taken:
             self._taken = True
             loop.call_soon(self._pass_on)  # runs in the next iteration
