@@ -48,6 +48,7 @@ from agent.schemas import UploadResult
 READ_SIZE = 1024 * 1024  # ciphertext per block (at the default chunk size, 16 chunks)
 BLOCK_CHUNKS = READ_SIZE // stream.CHUNK_SIZE  # per block: as many chunks of other sizes as fit
 LOAD_BUFFER_BYTES = 32 * 1024 * 1024  # default of LOADER_LOAD_BUFFER_MIB
+TURN_SECONDS = 0.0005  # load work per loop iteration, all loads together (LoadTurns)
 UPLOAD_BATCH = 1024 * 1024  # plaintext per worker-thread step when encrypting an upload
 HEAD_DATA_BYTES = 4096  # ciphertext after the stream header that stays in the small part
 HEAD_SIZE = stream.HEADER_SIZE + HEAD_DATA_BYTES
@@ -345,19 +346,21 @@ class LoadBuffers:
 
 
 class LoadTurns:
-    """Turns on the event loop, shared by all loads: one load's step (read and decrypt a
-    block, ~0.15 ms at the default chunk size) per loop iteration, in the order they asked.
+    """Turns on the event loop, shared by all loads: the costly steps of all loads together
+    (reading and decrypting a block, ~0.15 ms at the default chunk size; sending one) take at
+    most about ``TURN_SECONDS`` of each loop iteration, in the order they asked.
 
     asyncio runs every callback that is ready before it polls its sockets again, so fifty
     loads with a block each to decrypt made one iteration of ~50 steps (~10 ms, several per
-    ``/status`` answer: its p99 was 59 ms). A step asks for its turn; the first in an
-    iteration has it at once, the others queue and are let through one per iteration, so a
-    request arriving meanwhile waits for at most about one step. A load alone is never held
-    back (its steps are iterations apart anyway).
+    ``/status`` answer: its p99 was 59 ms). A step asks for its turn: it has it at once while
+    this iteration's load work is under ``TURN_SECONDS`` and nobody queues; else it queues, and
+    the queue is let through one per iteration, so a request arriving meanwhile waits for
+    little more than a turn. A load alone is not held back: its step and its send fit in one.
     """
 
     def __init__(self) -> None:
-        self._taken = False  # this iteration's turn is taken (or handed to a queued load)
+        self._taken = False  # this iteration has load work (or a queued load was handed a turn)
+        self._began = 0.0  # when it began (loop time)
         self._queue: collections.deque[asyncio.Future[None]] = collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -367,8 +370,10 @@ class LoadTurns:
             self._loop, self._taken = loop, False
             self._queue.clear()
         if not self._taken:
-            self._taken = True
+            self._taken, self._began = True, loop.time()
             loop.call_soon(self._pass_on)  # runs in the next iteration
+            return
+        if not self._queue and loop.time() - self._began < TURN_SECONDS:
             return
         turn: asyncio.Future[None] = loop.create_future()
         self._queue.append(turn)
@@ -380,11 +385,13 @@ class LoadTurns:
             raise  # a turn handed over as it was cancelled just ends at _pass_on
 
     def _pass_on(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._queue:
             turn = self._queue.popleft()
             if not turn.done():
                 turn.set_result(None)  # that load runs in the next iteration...
-                asyncio.get_running_loop().call_soon(self._pass_on)  # ...and only it
+                self._began = loop.time()
+                loop.call_soon(self._pass_on)  # ...with what fits in its turn
                 return
         self._taken = False
 
@@ -463,6 +470,11 @@ class Resource:
 
     def __aiter__(self) -> Resource:
         return self
+
+    async def turn(self) -> None:
+        """Wait for a turn on the loop shared by all loads (``LoadTurns``): for the caller's
+        own costly step with a block (its ``send``)."""
+        await self._turns.take()
 
     async def __anext__(self) -> memoryview:
         self._give_back()

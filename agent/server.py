@@ -13,7 +13,7 @@ import json
 import re
 import socket
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeGuard, TypeVar
@@ -449,9 +449,9 @@ async def _load(request: web.Request, outcome: _Outcome) -> web.StreamResponse:
         try:
             with _sending_blocks(request) as write_size:
                 if first:
-                    await _send_block(response, first, write_size, stall)
+                    await _send_block(response, first, write_size, stall, resource.turn)
                 async for block in resource:
-                    await _send_block(response, block, write_size, stall)
+                    await _send_block(response, block, write_size, stall, resource.turn)
             await response.write_eof()
         except ConnectionResetError:
             outcome.value = CLIENT_GONE
@@ -503,14 +503,20 @@ def _sending_blocks(request: web.Request) -> Iterator[int]:
 
 
 async def _send_block(
-    response: web.StreamResponse, block: memoryview | bytes, write_size: int, stall: float
+    response: web.StreamResponse,
+    block: memoryview | bytes,
+    write_size: int,
+    stall: float,
+    turn: Callable[[], Awaitable[None]],
 ) -> None:
     """Write ``block`` in pieces of ``write_size`` (one ``send`` each when the reader keeps
-    up: what ``send`` does not take, the transport would copy), within ``stall`` seconds: a
+    up: what ``send`` does not take, the transport would copy), each in a turn of the loop
+    that loads share (a ``send`` of 1 MiB copies for ~0.1 ms), within ``stall`` seconds: a
     reader that takes none of it for that long holds a block of the pool, and is cut
     (``TimeoutError``)."""
     async with asyncio.timeout(stall):
         for start in range(0, len(block), write_size):
+            await turn()
             await response.write(block[start : start + write_size])
 
 
