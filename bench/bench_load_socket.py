@@ -43,7 +43,8 @@ cannot carry that (a Unix socket or TCP loopback copy costs more than the AES), 
 the floor on the same transport (>= 0.9x), the floor being the higher of the C floor and
 1 / (1/raw + 1/path alone), for every size, over the socket and over TCP; each ratio by wall
 clock, or per CPU second when the machine is busy (the better of the two, both printed); the
-agent's peak RSS < 100 MiB at every size; ``/health`` p99 < 20 ms while loading. Exit status 1 if one is missed. Not a test: the machine may be shared; use medians.
+agent's peak RSS < 100 MiB at every size; ``/health`` p99 < 20 ms while loading. Exit status 1
+if one is missed. Not a test: the machine may be shared; use medians.
 """
 
 from __future__ import annotations
