@@ -180,6 +180,18 @@ class ServicesCollector:
         decrypted.add_metric(["images"], unlock.stats.decrypted_bytes)
         yield decrypted
 
+        buffers = resources.shared.buffers
+        for name, what, value in (
+            ("bytes", "now", buffers.held),
+            ("peak_bytes", "at most since the agent started", buffers.peak),
+            ("limit_bytes", "allowed (LOADER_LOAD_BUFFER_MIB)", buffers.budget),
+        ):
+            yield GaugeMetricFamily(
+                f"{PREFIX}_load_buffer_{name}",
+                f"Memory that loads hold for their blocks (ciphertext and plaintext), {what}",
+                value=value,
+            )
+
         downloads = resources.downloads.stats
         lookups = CounterMetricFamily(
             f"{PREFIX}_cache_lookups",

@@ -12,9 +12,10 @@ Load: the small part comes from the API on every load (it is never cached: on di
 big part it would undo the split); the big part comes from the cache if intact, else from the
 CDN (``agent.download``: resumed, shared between concurrent loads). A small part's claim is
 checked before anything is downloaded (``plaintext_size``: a size a resource can have, within
-``LOADER_MAX_RESOURCE_BYTES``). Plaintext exists only in memory, a block of ``BLOCK_SIZE`` at a
-time per load (plus what the socket holds). Upload crypto runs in a worker thread; load crypto
-runs on the loop in short turns (see ``Resource``).
+``LOADER_MAX_RESOURCE_BYTES``). Plaintext exists only in memory, in blocks that all loads
+together take from one bounded pool (``LoadBuffers``, ``LOADER_LOAD_BUFFER_MIB``). Upload
+crypto runs in a worker thread; a load decrypts its next block on the loop in short turns
+while its caller is sent the current one (see ``Resource``).
 
 ``ResourceStore.stats`` counts the plaintext bytes handed out, one addition per block, for
 ``/metrics`` (the downloads keep their own ``stats``: cache hits, misses, retries).
@@ -23,14 +24,14 @@ runs on the loop in short turns (see ``Resource``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import io
-import itertools
 import os
 import re
 import struct
-from collections.abc import AsyncIterable, Callable, Iterator
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -44,12 +45,10 @@ from agent.download import BigPartDownloads
 from agent.errors import LoaderError, StreamError, TruncatedError, UpstreamError
 from agent.schemas import UploadResult
 
-READ_SIZE = 1024 * 1024  # ciphertext per read: a record split between reads costs a copy
-# Plaintext per __anext__: 192 KiB fits a Unix socket's default send buffer (208 KiB), so the
-# handler's write usually leaves in one send(); what send() does not take, Python 3.11's
-# transport copies into its own buffer (bigger blocks measured slower, single chunks too).
-BLOCK_SIZE = 192 * 1024
-TURN_SECONDS = 0.00025  # a load lets other tasks run at least this often (/health p99)
+READ_SIZE = 1024 * 1024  # ciphertext per block (at the default chunk size, 16 chunks)
+BLOCK_CHUNKS = READ_SIZE // stream.CHUNK_SIZE  # per block: as many chunks of other sizes as fit
+LOAD_BUFFER_BYTES = 32 * 1024 * 1024  # default of LOADER_LOAD_BUFFER_MIB
+TURN_SECONDS = 0.0005  # load work per loop iteration, all loads together (LoadTurns)
 UPLOAD_BATCH = 1024 * 1024  # plaintext per worker-thread step when encrypting an upload
 HEAD_DATA_BYTES = 4096  # ciphertext after the stream header that stays in the small part
 HEAD_SIZE = stream.HEADER_SIZE + HEAD_DATA_BYTES
@@ -126,15 +125,22 @@ class ResourceStore:
     """Uploads and loads resources through the Resource API, the CDN and the big-part cache."""
 
     def __init__(
-        self, api: ResourceApiClient, cache_dir: Path, *, max_resource_bytes: int = 16 << 30
+        self,
+        api: ResourceApiClient,
+        cache_dir: Path,
+        *,
+        max_resource_bytes: int = 16 << 30,
+        load_buffer_bytes: int = LOAD_BUFFER_BYTES,
     ) -> None:
         """``max_resource_bytes``: the largest big part a small part may claim (setting
-        ``LOADER_MAX_RESOURCE_BYTES``); more is a 502 before anything is downloaded."""
+        ``LOADER_MAX_RESOURCE_BYTES``); more is a 502 before anything is downloaded.
+        ``load_buffer_bytes``: the bound on all loads' blocks together (``LoadBuffers``)."""
         self._api = api
         self._max_big_size = max_resource_bytes
         self._cache = BigPartCache(cache_dir)
         self._downloads = BigPartDownloads(api, self._cache)
         self.stats = ResourceStats()
+        self.shared = SharedByLoads(LoadBuffers(load_buffer_bytes), LoadTurns())
 
     @property
     def cache(self) -> BigPartCache:
@@ -232,7 +238,7 @@ class ResourceStore:
                         f"the cached big part of {folder}/{name} keeps disappearing"
                     ) from None
         try:
-            return Resource(small, file, lambda: self._cache.forget(path), self.stats)
+            return Resource(small, file, lambda: self._cache.forget(path), self.stats, self.shared)
         except BaseException:
             file.close()
             raise
@@ -257,22 +263,164 @@ class ResourceStore:
         raise UpstreamError(f"{what} records a big part of an impossible size ({small.big_size})")
 
 
+class LoadBuffers:
+    """The one bound on the memory that loads hold: blocks of ciphertext and plaintext.
+
+    Every load takes its blocks from here, one block per step (``BLOCK_CHUNKS`` chunks of
+    ciphertext and the room to decrypt them), and gives each back once the caller has it all
+    (the socket's kernel buffer took it). The blocks held plus the free ones kept for reuse
+    never exceed ``budget`` bytes (setting ``LOADER_LOAD_BUFFER_MIB``; one block bigger than
+    the budget is let through alone). Loads asking when the budget is spent wait in one FIFO
+    queue, so every load gets blocks in turn whatever its reader's speed: a slow reader holds
+    at most the block it is being sent (and the one decrypted ahead), and ``/load`` cuts a
+    reader that takes nothing for ``LOADER_BODY_TIMEOUT``. Free blocks are kept (fresh big
+    buffers cost page faults) and dropped when a block of another size needs the room.
+    ``peak`` is the most ever held at once; ``waits`` counts the requests that had to queue.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.held = 0
+        self.peak = 0
+        self.waits = 0
+        self._free: dict[int, list[bytearray]] = {}
+        self._free_bytes = 0
+        self._queue: collections.deque[tuple[int, asyncio.Future[bytearray]]] = collections.deque()
+
+    async def acquire(self, size: int) -> bytearray:
+        """A block of ``size`` bytes, once the budget has room for it and the loads queued
+        before have been served. Give it back with ``release``."""
+        if not self._queue and self._fits(size):
+            return self._take(size)
+        self.waits += 1
+        granted: asyncio.Future[bytearray] = asyncio.get_running_loop().create_future()
+        self._queue.append((size, granted))
+        try:
+            return await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():
+                self.release(granted.result())  # granted as the caller was cancelled
+            else:
+                self._queue.remove((size, granted))
+                self._serve()  # the requests behind it may fit now
+            raise
+
+    def release(self, block: bytearray) -> None:
+        """Take back a block from ``acquire``: it is kept for reuse and the queue served."""
+        self.held -= len(block)
+        self._free.setdefault(len(block), []).append(block)
+        self._free_bytes += len(block)
+        self._serve()
+
+    def _fits(self, size: int) -> bool:
+        return self.held + size <= self.budget or self.held == 0
+
+    def _take(self, size: int) -> bytearray:
+        free = self._free.get(size)
+        if free:
+            block = free.pop()
+            self._free_bytes -= size
+        else:
+            self._drop_free(self.budget - self.held - size)
+            block = bytearray(size)
+        self.held += size
+        self.peak = max(self.peak, self.held)
+        return block
+
+    def _drop_free(self, room: int) -> None:
+        """Drop free blocks until at most ``room`` bytes of them are kept."""
+        for blocks in self._free.values():
+            while blocks and self._free_bytes > max(room, 0):
+                self._free_bytes -= len(blocks.pop())
+
+    def _serve(self) -> None:
+        while self._queue:
+            size, granted = self._queue[0]
+            if granted.done():  # cancelled: its acquire is removing it
+                self._queue.popleft()
+                continue
+            if not self._fits(size):
+                return
+            self._queue.popleft()
+            granted.set_result(self._take(size))
+
+
+class LoadTurns:
+    """Turns on the event loop, shared by all loads: the costly steps of all loads together
+    (reading and decrypting a block, ~0.15 ms at the default chunk size; sending one) take at
+    most about ``TURN_SECONDS`` of each loop iteration, in the order they asked.
+
+    asyncio runs every callback that is ready before it polls its sockets again, so fifty
+    loads with a block each to decrypt made one iteration of ~50 steps (~10 ms, several per
+    ``/status`` answer: its p99 was 59 ms). A step asks for its turn: it has it at once while
+    this iteration's load work is under ``TURN_SECONDS`` and nobody queues; else it queues, and
+    the queue is let through one per iteration, so a request arriving meanwhile waits for
+    little more than a turn. A load alone is not held back: its step and its send fit in one.
+    """
+
+    def __init__(self) -> None:
+        self._taken = False  # this iteration has load work (or a queued load was handed a turn)
+        self._began = 0.0  # when it began (loop time)
+        self._queue: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def take(self) -> None:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a new loop (a restarted test, say): nothing carries over
+            self._loop, self._taken = loop, False
+            self._queue.clear()
+        if not self._taken:
+            self._taken, self._began = True, loop.time()
+            loop.call_soon(self._pass_on)  # runs in the next iteration
+            return
+        if not self._queue and loop.time() - self._began < TURN_SECONDS:
+            return
+        turn: asyncio.Future[None] = loop.create_future()
+        self._queue.append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if not turn.done() or turn.cancelled():
+                self._queue.remove(turn)
+            raise  # a turn handed over as it was cancelled just ends at _pass_on
+
+    def _pass_on(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._queue:
+            turn = self._queue.popleft()
+            if not turn.done():
+                turn.set_result(None)  # that load runs in the next iteration...
+                self._began = loop.time()
+                loop.call_soon(self._pass_on)  # ...with what fits in its turn
+                return
+        self._taken = False
+
+
+@dataclass(frozen=True)
+class SharedByLoads:
+    """What all of a store's loads share: the bound on their memory, and the loop's turns."""
+
+    buffers: LoadBuffers
+    turns: LoadTurns
+
+
 class Resource:
     """A resource being loaded: ``size`` is its plaintext length; iterate for verified blocks.
 
     The big part is already complete and intact on disk when this exists. Each ``__anext__``
-    hands out the verified plaintext of a few chunks of the format (``BLOCK_SIZE``), decrypted
-    right then; the ciphertext is read ``READ_SIZE`` at a time. Both run on the event loop in
-    short turns (``TURN_SECONDS``) when the file is in the page cache (see ``_read``):
-    cryptography holds the GIL while it decrypts, so a worker thread would not run the AES
-    beside the loop anyway; it only added a thread hop per step, moved the bytes to another
-    core's cache and had the allocator trim and fault in pages again for every step's chunks
-    (/load over the socket, 1 GiB, the two versions interleaved: 1.3x the throughput and 1.45x
-    per CPU second of the worker-thread version; /health p99 under 10 ms for both). A read that
-    would wait for the disk runs in a worker thread. Should a chunk fail to authenticate (the
-    file was altered behind the cache's back), the cached file is dropped and the error raised;
-    the block it was part of is never handed out. Always ``aclose`` it (or exhaust it): that
-    releases the file.
+    hands out the verified plaintext of up to ``BLOCK_CHUNKS`` chunks of the format, as a
+    memoryview into a block of the store's ``LoadBuffers``: valid until the next ``__anext__``
+    (or ``aclose``), which gives the block back; copy what must be kept. While the caller
+    sends one block, the next is read (see ``_read``) and decrypted with
+    ``AESGCM.decrypt_into`` into the block's own plaintext room, no buffer allocated per
+    chunk and no join (the previous version's extra copy of every byte). Both run on the loop,
+    a block a turn (``LoadTurns``; ~0.15 ms per block): a worker thread decrypting each
+    block beside the loop measured slower (1 GiB over the socket, ~0.7x): the GIL is taken
+    back after every 64 KiB chunk, and the two threads' handing it to and fro cost more than
+    the AES it moved (~15 futex calls per MiB). Should a chunk fail to authenticate (the file
+    was altered behind the cache's back), the cached file is dropped and the error raised;
+    the block it was part of is never handed out. Always ``aclose`` it
+    (or exhaust it): that releases the file and the blocks.
     """
 
     def __init__(
@@ -281,10 +429,13 @@ class Resource:
         file: io.BufferedReader,
         forget: Callable[[], None],
         stats: ResourceStats,
+        shared: SharedByLoads,
     ) -> None:
         self._file = file
         self._forget = forget
         self._stats = stats
+        self._buffers = shared.buffers
+        self._turns = shared.turns
         big_fragment = _read_big_prefix(file)
         try:
             self.size = plaintext_size(small, len(big_fragment))
@@ -292,15 +443,22 @@ class Resource:
         except StreamError as exc:
             raise UpstreamError(f"the small part holds no valid stream header ({exc})") from exc
         self._decryptor = stream.Decryptor([small.fragment, big_fragment])
-        self._chunks_per_block = max(1, BLOCK_SIZE // chunk_size)
-        self._buffer = bytearray(READ_SIZE)  # reused: fresh big buffers cost page faults
+        self._decryptor.update(small.head[: stream.HEADER_SIZE])  # the keys; no chunk yet
+        self._chunk_size = chunk_size
+        self._record_size = chunk_size + stream.TAG_SIZE
+        self._batch = max(1, BLOCK_CHUNKS * stream.CHUNK_SIZE // chunk_size)
+        # A block: the batch's records and one held back (it may be the final chunk, known
+        # only once a byte after it is read), then room for their plaintext.
+        self._cipher_size = (self._batch + 1) * self._record_size
+        self._block_size = self._cipher_size + (self._batch + 1) * chunk_size
+        self._carry = bytes(small.head[stream.HEADER_SIZE :])  # goes before the next read
+        self._buffer: memoryview = memoryview(b"")  # where ``_read`` reads into
         self._offset = file.tell()  # where the ciphertext goes on; reads are positional
-        # Decrypts lazily: each chunk as it is asked for. The buffer is read into again only
-        # once all its chunks have been.
-        self._chunks: Iterator[bytes] = self._decryptor.iter_update(small.head)
         self._nowait = True  # page-cache reads on the loop, unless the file system refuses them
         self._reading: asyncio.Future[int] | None = None  # a read in a worker thread
-        self._turn_ends = 0.0  # loop time at which this load lets other tasks run
+        self._next: asyncio.Task[tuple[bytearray, memoryview]] | None = None  # block ahead
+        self._next_acquired = False  # that task holds its block: it runs to its end
+        self._current: bytearray | None = None  # the block the caller holds
         self._exhausted = False  # the final chunk has been read and authenticated
         self._closed = False
         self._decrypted = 0
@@ -313,18 +471,31 @@ class Resource:
     def __aiter__(self) -> Resource:
         return self
 
-    async def __anext__(self) -> bytes:
+    async def turn(self) -> None:
+        """Wait for a turn on the loop shared by all loads (``LoadTurns``): for the caller's
+        own costly step with a block (its ``send``)."""
+        await self._turns.take()
+
+    async def __anext__(self) -> memoryview:
+        self._give_back()
         try:
             while not self._closed:
-                await self._take_turns()
-                block = b"".join(itertools.islice(self._chunks, self._chunks_per_block))
-                if block:
-                    self._decrypted += len(block)
-                    self._stats.decrypted_bytes += len(block)
-                    return block
-                if self._exhausted:
-                    break
-                self._chunks = await self._next_chunks()
+                if self._next is None:
+                    if self._exhausted:
+                        break
+                    self._start_next()
+                assert self._next is not None
+                # Shielded: a caller that goes away leaves the step to finish with its block
+                # (aclose waits for it), rather than a thread writing into a block given back.
+                block, plaintext = await asyncio.shield(self._next)
+                self._next = None
+                self._current = block
+                if not self._exhausted:
+                    self._start_next()  # decrypt ahead while the caller sends this one
+                if plaintext:
+                    self._stats.decrypted_bytes += len(plaintext)
+                    return plaintext
+                self._give_back()
         except StreamError:
             self._forget()
             await self.aclose()
@@ -332,24 +503,59 @@ class Resource:
         await self.aclose()
         raise StopAsyncIteration
 
-    async def _take_turns(self) -> None:
-        """Let other tasks run once this load has had the loop for ``TURN_SECONDS``: a consumer
-        whose writes never wait (a fast reader) must not starve them."""
-        loop = asyncio.get_running_loop()
-        if loop.time() >= self._turn_ends:
-            await asyncio.sleep(0)
-            self._turn_ends = loop.time() + TURN_SECONDS
+    def _give_back(self) -> None:
+        if self._current is not None:
+            self._buffers.release(self._current)
+            self._current = None
 
-    async def _next_chunks(self) -> Iterator[bytes]:
-        count = await self._read()
-        if count:
-            self._offset += count
-            return self._decryptor.iter_update(memoryview(self._buffer)[:count])
-        self._exhausted = True
+    def _start_next(self) -> None:
+        self._next_acquired = False
+        self._next = asyncio.ensure_future(self._step())
+
+    async def _step(self) -> tuple[bytearray, memoryview]:
+        """One block: wait for its room in the budget, read, decrypt; its verified plaintext."""
+        block = await self._buffers.acquire(self._block_size)
+        self._next_acquired = True
+        try:
+            await self._turns.take()
+            view = memoryview(block)
+            cipher, plain = view[: self._cipher_size], view[self._cipher_size :]
+            filled = len(self._carry)
+            cipher[:filled] = self._carry
+            while filled < len(cipher):
+                self._buffer = cipher[filled:]
+                count = await self._read()
+                if not count:
+                    break
+                self._offset += count
+                filled += count
+            self._buffer = memoryview(b"")
+            done = self._open(cipher, filled, plain)
+            self._decrypted += done
+            if self._exhausted and self._decrypted != self.size:
+                raise StreamError("the decrypted resource is not the length its parts record")
+        except BaseException:
+            self._buffers.release(block)
+            raise
+        return block, plain[:done]
+
+    def _open(self, cipher: memoryview, filled: int, plain: memoryview) -> int:
+        """Decrypt the records in ``cipher[:filled]`` into ``plain``; returns the plaintext
+        length. A full block holds its last record back for the next;
+        a short one is the end of the stream, and its last record must be the final chunk."""
+        ended = filled < len(cipher)
+        followed = self._batch if not ended else max(0, (filled - 1) // self._record_size)
+        done = self._decryptor.open_followed_into(cipher, followed, plain)
+        rest = cipher[followed * self._record_size : filled]
+        if not ended:
+            self._carry = bytes(rest)
+            return done
+        self._carry = b""
+        self._decryptor.update(rest)  # at most one record: buffered, not opened
         final = self._decryptor.finalize()
-        if self._decrypted + len(final) != self.size:
-            raise StreamError("the decrypted resource is not the length its parts record")
-        return iter((final,))
+        plain[done : done + len(final)] = final
+        self._exhausted = True
+        return done + len(final)
 
     async def _read(self) -> int:
         """Fill the buffer from the file: right here if the bytes are in the page cache (a copy
@@ -377,7 +583,14 @@ class Resource:
         if self._closed:
             return
         self._closed = True
-        self._chunks = iter(())
+        self._give_back()
+        if self._next is not None:  # the step ahead: stop it queueing, or let it finish
+            if not self._next_acquired:
+                self._next.cancel()
+            [outcome] = await asyncio.gather(self._next, return_exceptions=True)
+            if isinstance(outcome, tuple):
+                self._buffers.release(outcome[0])
+            self._next = None
         if self._reading is not None:  # let the worker finish with the file before closing it
             await asyncio.gather(self._reading, return_exceptions=True)
             self._reading = None

@@ -30,7 +30,7 @@ from agent.peers import AccessPolicy
 from agent.resources import ResourceStore
 from agent.routes import Services
 from agent.server import create_app
-from agent.settings import Settings
+from agent.settings import MiB, Settings
 from agent.transport import TransferLimits
 from agent.unlock import UnlockManager
 
@@ -76,7 +76,10 @@ def build_services(settings: Settings, notifier: Notifier, access: AccessPolicy)
 
     unlock = UnlockManager(settings, api, on_change=on_unlock_change)
     resources = ResourceStore(
-        api, settings.model_cache_dir, max_resource_bytes=settings.loader_max_resource_bytes
+        api,
+        settings.model_cache_dir,
+        max_resource_bytes=settings.loader_max_resource_bytes,
+        load_buffer_bytes=settings.loader_load_buffer_mib * MiB,
     )
     return Services(settings=settings, api=api, resources=resources, unlock=unlock, access=access)
 

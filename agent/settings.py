@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     loader_upstream_min_rate: int = Field(default=16 * 1024, ge=0)
     loader_upstream_rate_window: float = Field(default=30.0, gt=0)
     loader_upstream_deadline: float = Field(default=3600.0, gt=0)
+    # All /load calls together hold at most this much ciphertext and plaintext in memory
+    # (agent.resources.LoadBuffers); loads beyond it wait their turn, first come first served.
+    loader_load_buffer_mib: int = Field(default=32, ge=4, le=4096)
     loader_log_level: str = "INFO"
     # Groups whose members (besides root and the agent's own user) may call the endpoints that
     # change state or return protected data; resolved when serve starts (agent.peers).

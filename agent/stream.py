@@ -290,6 +290,23 @@ class Decryptor:
         """Authenticate the final chunk; ``TruncatedError`` if the stream ended before it."""
         return b"".join(self._guarded(self._open_final()))
 
+    def open_followed_into(self, records: memoryview, count: int, out: memoryview) -> int:
+        """Open the first ``count`` full-size records of ``records`` into ``out`` (``count``
+        chunk sizes, one after another), with no buffer of its own: for a reader that knows
+        more of the stream follows them (none of them is the final chunk). Call it only
+        between whole records: after the header, with nothing buffered by ``update``. Returns
+        the plaintext bytes written; on an error, ``out`` holds unverified bytes after the
+        chunks opened before it: discard it all."""
+        if self._failure is not None:
+            raise type(self._failure)(self._failure.message)
+        if self._aead is None or self._buffer:
+            raise StreamError("open_followed_into needs the header read and no partial chunk")
+        try:
+            return self._open_followed_into(records, count, out)
+        except StreamError as exc:
+            self._fail(exc)
+            raise
+
     def _guarded(self, steps: Iterator[bytes]) -> Generator[bytes, None, None]:
         if self._failure is not None:
             raise type(self._failure)(self._failure.message)

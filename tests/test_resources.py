@@ -185,6 +185,49 @@ async def test_300_mb_round_trip_in_bounded_memory(
         assert received.digest() == expected.digest()
 
 
+# -- the bound on loads' memory (more in test_load_buffers.py) -------------------------------
+
+BLOCK = 17 * (CS + stream.TAG_SIZE) + 17 * CS  # a load's block at the default chunk size
+MiB = 1 << 20
+
+
+async def test_concurrent_loads_stay_within_the_bound_and_are_exact(
+    make_store: StoreFactory,
+    make_client: Callable[..., ResourceApiClient],
+    tmp_path: Path,
+    resource_folder: str,
+) -> None:
+    data = pattern(3 * MiB + 12345)
+    uploader = make_store()
+    await uploader.upload(resource_folder, "model.bin", pieces(data, 1 << 20))
+    budget = 3 * BLOCK
+    store = ResourceStore(make_client(), tmp_path / "bounded", load_buffer_bytes=budget)
+    try:
+        await load(store, resource_folder, "model.bin")  # downloads it: the loads below are warm
+        loads = await asyncio.gather(
+            *(load(store, resource_folder, "model.bin") for _ in range(12))
+        )
+        buffers = store.shared.buffers
+        assert all(each == data for each in loads)
+        assert buffers.waits > 0  # the bound was reached: loads queued for blocks
+        assert 0 < buffers.peak <= budget
+        assert buffers.held == 0  # every block came back
+    finally:
+        await store.close()
+
+
+async def test_a_closed_load_gives_back_its_blocks(
+    store: ResourceStore, resource_folder: str
+) -> None:
+    data = pattern(5 * MiB)
+    await store.upload(resource_folder, "model.bin", pieces(data, 1 << 20))
+    resource = await store.open(resource_folder, "model.bin")
+    first = await anext(aiter(resource))
+    assert bytes(first) == data[: len(first)]
+    await resource.aclose()  # with a block in the caller's hands and one decrypted ahead
+    assert store.shared.buffers.held == 0
+
+
 async def test_upload_replaces_a_resource_and_the_new_version_loads(
     store: ResourceStore, resource_folder: str
 ) -> None:

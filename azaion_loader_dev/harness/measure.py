@@ -5,6 +5,7 @@ Light on purpose (no aiohttp, no docker): a benchmark's measured child process i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import resource
@@ -50,6 +51,18 @@ def cpu_seconds(pid: int | str = "self") -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def thread_cpu_seconds(pid: int) -> float:
+    """CPU time of a process's living threads, to the nanosecond (``/proc/PID/task/*/schedstat``):
+    ``cpu_seconds`` counts clock ticks (10 ms), too coarse for a step of 30 ms. Threads that
+    ended are not counted: take it across a span in which none ends (an agent's loop and its
+    worker threads)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
+
+
 def io_counters(pid: int | str = "self") -> dict[str, int]:
     """``/proc/PID/io``: ``write_bytes`` is what the process made the kernel write to storage."""
     counters = {}
@@ -63,7 +76,8 @@ class RawDecrypt:
     """Raw AES-GCM over 64 KiB records laid out in memory (bench_stream.py's raw baseline)."""
 
     def __init__(self, size: int) -> None:
-        self.aead = AESGCM(os.urandom(32))
+        self.key = os.urandom(32)  # the C floor of bench_load_socket.py decrypts the same records
+        self.aead = AESGCM(self.key)
         block = os.urandom(stream.CHUNK_SIZE)
         records = size // stream.CHUNK_SIZE
         self.nonces = [index.to_bytes(12, "big") for index in range(records)]
