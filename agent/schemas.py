@@ -105,6 +105,8 @@ class UnlockStatus(BaseModel):
     next_retry_in: float | None = None
     retry_reason: str | None = None
     images: int | None = None
+    release: int | None = None  # the installed release, once ready
+    publisher: str | None = None  # the key id whose signature it carries, if signed
 
 
 class ReadyResponse(BaseModel):
@@ -115,12 +117,21 @@ class ReadyResponse(BaseModel):
     message: str | None
 
 
+class SignatureStatus(BaseModel):
+    """Publisher signatures on this device: ``enforced`` once a key is installed."""
+
+    enforced: bool
+    keys: list[str]  # key ids (hex) trusted now
+    problems: list[str]  # key files that could not be read (they trust nothing)
+
+
 class StatusResponse(BaseModel):
     status: Literal["healthy"]
     version: str
     authenticated: bool
     modelCacheDir: str  # the original service's field name
     unlock: UnlockStatus
+    signatures: SignatureStatus
 
 
 class LoginResponse(BaseModel):

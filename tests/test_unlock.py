@@ -140,6 +140,7 @@ class Rig:
             "docker_host": self.docker_host,
             "azaion_email": self.dev_api.email,
             "azaion_password": self.dev_api.password,
+            "loader_publishers_dir": self.root / "publishers.d",
             **overrides,
         }
         return Settings(**values)

@@ -27,7 +27,14 @@ from agent.errors import DockerUnavailable, LoaderError, NotAuthenticated, NotFo
 from agent.retry import Clock, RetryPolicy, Sleep, retry_call
 from agent.schemas import UnlockState, UnlockStatus
 from agent.settings import Settings
-from agent.unlock.pipeline import LoadOutcome, already_loaded, load_archive, verify_images
+from agent.unlock.pipeline import (
+    LoadOutcome,
+    Trust,
+    already_loaded,
+    load_archive,
+    load_trust,
+    verify_images,
+)
 from agent.unlock.record import UnlockRecord, read_record, write_record
 from agent.unlock.status import Progress, UnlockStats, UnlockView, Waiting
 from agent.unlock.threads import Throttle, call_soon, in_thread
@@ -241,17 +248,31 @@ class UnlockManager:
             fragments.append(await asyncio.to_thread(keys.read_fragment_file, device_path))
         return fragments
 
+    async def _trust(self) -> Trust:
+        settings = self._settings
+        return await asyncio.to_thread(
+            load_trust,
+            settings.loader_publishers_dir,
+            self._state_dir,
+            settings.loader_allow_downgrade,
+        )
+
     async def _check_already_loaded(self) -> bool:
         settings = self._settings
-        count = await in_thread(
+        trust = await self._trust()
+        record = await in_thread(
             lambda: already_loaded(
-                self._state_dir, settings.images_path, self._engine_factory, settings.api_version
+                self._state_dir,
+                settings.images_path,
+                self._engine_factory,
+                settings.api_version,
+                trust,
             ),
             self._cancel,
         )
-        if count is None:
+        if record is None:
             return False
-        self._view.image_count = count
+        self._view.installed(record)
         return True
 
     async def _load(self, fragments: list[bytes]) -> LoadOutcome:
@@ -272,9 +293,10 @@ class UnlockManager:
         def decrypted(size: int) -> None:  # worker thread; the loop only reads the sum
             self.stats.decrypted_bytes += size
 
+        trust = await self._trust()
         outcome = await in_thread(
             lambda: load_archive(
-                archive, fragments, self._engine_factory, self._cancel, read, decrypted
+                archive, fragments, self._engine_factory, self._cancel, read, decrypted, trust
             ),
             self._cancel,
         )
@@ -297,9 +319,11 @@ class UnlockManager:
             images=images,
             api_version=api_version,
             unlocked_at=self._now().isoformat(timespec="seconds"),
+            release=outcome.manifest.release,
+            publisher=outcome.verified_by,
         )
         await asyncio.to_thread(write_record, self._state_dir, record)
-        self._view.image_count = len(images)
+        self._view.installed(record)
 
     async def _in_engine(self, use: Callable[[Engine], T]) -> T:
         """Connect, ``use`` the engine, disconnect: all in a worker thread."""
