@@ -94,6 +94,17 @@ class UnlockProgress(BaseModel):
     percent: float
 
 
+class UpdateStatus(BaseModel):
+    """The last update (a new archive loaded beside the installed release): ``ready`` once it
+    is the installed release, ``error`` if it failed (the device stays on the release before)."""
+
+    state: UnlockState
+    error: str | None
+    progress: UnlockProgress
+    message: str | None = None
+    release: int | None = None
+
+
 class UnlockStatus(BaseModel):
     """``/unlock/status``, and the ``unlock`` of ``/status``: made by ``UnlockManager``."""
 
@@ -107,6 +118,7 @@ class UnlockStatus(BaseModel):
     images: int | None = None
     release: int | None = None  # the installed release, once ready
     publisher: str | None = None  # the key id whose signature it carries, if signed
+    update: UpdateStatus | None = None  # once an update has run
 
 
 class ReadyResponse(BaseModel):

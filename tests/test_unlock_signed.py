@@ -147,24 +147,29 @@ async def test_a_bad_signature_is_found_in_the_same_pass_and_nothing_is_loaded(r
 
 
 async def test_an_older_signed_release_is_refused_unless_allowed(rig: Rig) -> None:
+    """2 -> 1 is a failed update: the device stays ready on release 2 and says why; with
+    LOADER_ALLOW_DOWNGRADE the same archive is installed."""
     key = publisher(rig, "release-team", trusted=True)
-    pack_signed(rig, key, release=2)
+    newer = pack_signed(rig, key, release=2)
     assert (await unlock(rig.manager()))["state"] == "ready"
     older = pack_signed(rig, key, release=1)
 
     refused = await unlock(rig.manager())
 
-    assert refused["state"] == "error"
-    assert "release 1, older than the installed release 2" in refused["error"]
-    assert "LOADER_ALLOW_DOWNGRADE" in refused["error"]
+    assert (refused["state"], refused["release"]) == ("ready", 2)
+    assert refused["update"]["state"] == "error"
+    assert "release 1, older than the installed release 2" in refused["update"]["error"]
+    assert "LOADER_ALLOW_DOWNGRADE" in refused["update"]["error"]
     assert older.image_id not in rig.dockerd.image_ids()
     record = read_record(rig.state_dir)
     assert record is not None and record.release == 2
 
     allowed = await unlock(rig.manager(loader_allow_downgrade=True))
 
-    assert allowed["state"] == "ready", allowed
+    assert (allowed["state"], allowed["release"]) == ("ready", 1), allowed
+    assert allowed["update"]["state"] == "ready"
     assert older.image_id in rig.dockerd.image_ids()
+    assert newer.image_id not in rig.dockerd.image_ids()  # release 2's image, unused, removed
     record = read_record(rig.state_dir)
     assert record is not None and record.release == 1
 

@@ -86,24 +86,32 @@ def steady_heap() -> None:
     mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
 
 
+@dataclass(frozen=True)
+class Installed:
+    """What the checking stage found: the record of images that are installed and usable now,
+    and whether the archive at ``IMAGES_PATH`` is the one they came from (else: an update)."""
+
+    record: UnlockRecord
+    current: bool
+
+
 def already_loaded(
     state_dir: Path,
     archive: Path,
     engine_factory: Callable[[], Engine],
     api_version: str,
     trust: Trust | None = None,
-) -> UnlockRecord | None:
-    """The checking stage: the record when the recorded unlock still holds (the same archive,
-    or none any more, and all its images present, tagged again if need be, and verified by a
-    publisher trusted now where signatures are required); ``None`` when the archive is to be
+) -> Installed | None:
+    """The checking stage: the installed release when the recorded unlock still holds (all
+    its images present, tagged again if need be, and verified by a publisher trusted now where
+    signatures are required), with whether the archive is still the one it came from (same
+    archive, or none any more); ``None`` when there is nothing usable and the archive is to be
     loaded."""
     remove_stale_temp_files(state_dir)
     record = read_record(state_dir)
     if record is None:
         return None
-    if archive.exists() and archive_identity(archive) != record.archive:
-        logger.info("unlock: {} is a new archive, loading it", archive)
-        return None
+    current = not archive.exists() or archive_identity(archive) == record.archive
     if trust is not None and trust.store.enforced and record.publisher not in trust.key_names:
         logger.warning(
             "unlock: the installed images were not verified by a publisher this device trusts "
@@ -121,8 +129,37 @@ def already_loaded(
             logger.info("unlock: recorded images are missing from the Docker engine, reloading")
             return None
         verify_images(engine, record.images, api_version)
-    logger.info("unlock: archive already loaded and all images present (no network needed)")
+    if current:
+        logger.info("unlock: archive already loaded and all images present (no network needed)")
+    else:
+        logger.info(
+            "unlock: release {} installed and all its images present; {} is a new archive, "
+            "to be loaded as an update",
+            record.release,
+            archive,
+        )
+    return Installed(record, current)
+
+
+def archive_changed(state_dir: Path, archive: Path) -> UnlockRecord | None:
+    """The installed record if ``archive`` exists and is not the archive it came from."""
+    record = read_record(state_dir)
+    if record is None or not archive.exists() or archive_identity(archive) == record.archive:
+        return None
     return record
+
+
+def remove_images(engine: Engine, image_ids: Iterable[str]) -> tuple[str, ...]:
+    """Remove the images no release needs any more, except those a container uses; the ones
+    left (in use) are returned, to try again at the next check."""
+    left = []
+    for image_id in image_ids:
+        if engine.remove_unused(image_id):
+            logger.info("unlock: removed image {} of an earlier release", image_id[:19])
+        else:
+            logger.info("unlock: image {} of an earlier release is in use; kept", image_id[:19])
+            left.append(image_id)
+    return tuple(left)
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,9 @@ class UnlockRecord:
     unlocked_at: str
     release: int = 0
     publisher: str | None = None  # the key id (hex) whose signature verified, if any
+    # Images of earlier releases that this one does not carry and a container still used
+    # when they were to be removed: tried again at each check, never forced.
+    pending_removal: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -71,6 +74,7 @@ class UnlockRecord:
             "unlocked_at": self.unlocked_at,
             "release": self.release,
             "publisher": self.publisher,
+            "pending_removal": list(self.pending_removal),
         }
 
     @classmethod
@@ -87,6 +91,7 @@ class UnlockRecord:
             unlocked_at=str(data["unlocked_at"]),
             release=int(data.get("release", 0)),
             publisher=None if data.get("publisher") is None else str(data["publisher"]),
+            pending_removal=tuple(str(item) for item in data.get("pending_removal", [])),
         )
 
 

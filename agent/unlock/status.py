@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from agent.retry import RetryCounts
-from agent.schemas import UnlockProgress, UnlockState, UnlockStatus
+from agent.schemas import UnlockProgress, UnlockState, UnlockStatus, UpdateStatus
 from agent.unlock.record import UnlockRecord
 
 STAGE_LABELS = {
@@ -95,6 +95,17 @@ class UnlockView:
             snapshot.release = self.release
             snapshot.publisher = self.publisher
         return snapshot
+
+    def update_snapshot(self, now: float) -> UpdateStatus:
+        """This view as an update's: its stage and progress, or how it ended."""
+        whole = self.snapshot(now)
+        return UpdateStatus(
+            state=whole.state,
+            error=whole.error,
+            progress=whole.progress,
+            message=whole.message,
+            release=self.release if self.state is UnlockState.READY else None,
+        )
 
     def status_line(self, now: float) -> str:
         state = self.state
