@@ -129,6 +129,7 @@ class PayloadSplitter:
     def __init__(self, plaintext: Iterable[bytes]) -> None:
         self._source = iter(plaintext)
         self._buffer = bytearray()
+        self.manifest_bytes = b""  # as they stand in the payload (what a signature covers)
 
     def _fill(self, size: int) -> None:
         while len(self._buffer) < size:
@@ -151,7 +152,8 @@ class PayloadSplitter:
         length = int.from_bytes(self._take(LENGTH_SIZE), "big")
         if length > MAX_MANIFEST_SIZE:
             raise UnsupportedFormatError("the archive's manifest is implausibly large")
-        return ArchiveManifest.decode(self._take(length))
+        self.manifest_bytes = self._take(length)
+        return ArchiveManifest.decode(self.manifest_bytes)
 
     def tar_chunks(self) -> Iterator[bytes]:
         if self._buffer:

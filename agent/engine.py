@@ -32,7 +32,13 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from agent.errors import DockerError, DockerUnavailable, LoaderError, NotFoundError
+from agent.errors import (
+    ConflictError,
+    DockerError,
+    DockerUnavailable,
+    LoaderError,
+    NotFoundError,
+)
 from agent.logs import one_line
 
 DEFAULT_HOST = "unix:///var/run/docker.sock"
@@ -163,6 +169,8 @@ class Engine:
                 response.close()  # its file of the socket, which else keeps the socket open
         if response.status == 404:
             raise NotFoundError(f"cannot {action}: {_message(body)}")
+        if response.status == 409:
+            raise ConflictError(f"cannot {action}: {_message(body)}")
         if response.status >= 400:
             raise DockerError(f"cannot {action}: {_message(body)}")
         return body
@@ -201,6 +209,29 @@ class Engine:
         path = f"/images/{quote(image_id, safe='')}/tag"
         action = f"tag image as {engine_text(repository)}:{engine_text(tag)}"
         self._call("POST", path, action, repo=repository, tag=tag)
+
+    def remove_unused(self, image_id: str) -> bool:
+        """Remove ``image_id`` unless a container (running or stopped) uses it; never forced.
+        Its tags go one by one (a tag that has moved to another image is not its own any more
+        and stays); the last one takes the image with it. True once the image is gone, False if
+        it is in use (the engine's 409): the caller tries again later."""
+        try:
+            tags = self.repo_tags(image_id)
+        except NotFoundError:
+            return True
+        for name in sorted(tags) or [image_id]:
+            path = f"/images/{quote(name, safe='')}"
+            try:
+                self._call("DELETE", path, f"remove image {engine_text(name)}")
+            except NotFoundError:
+                continue
+            except ConflictError:  # a container uses it
+                return False
+        try:
+            self.repo_tags(image_id)
+        except NotFoundError:
+            return True
+        return False
 
     # -- the load ------------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@
     |   +-- TrailingDataError       bytes after the final chunk
     |   +-- UnsupportedFormatError  not this format, or a version we do not know
     +-- SignatureError              a publisher signature is missing, untrusted or wrong
+    |   +-- RollbackRefused         a signed release older than the installed one
     +-- DockerError                 the Docker engine failed or is not reachable
     |   +-- DockerUnavailable       engine not up (transient)
     +-- UnlockError                 the unlock workflow failed
@@ -192,6 +193,10 @@ class SignatureError(LoaderError):
     verify (agent.signing)."""
 
 
+class RollbackRefused(SignatureError):
+    """A signed release number lower than the installed one, and no LOADER_ALLOW_DOWNGRADE."""
+
+
 class DockerError(LoaderError):
     pass
 
@@ -271,6 +276,7 @@ MEANINGS: dict[type[LoaderError], Meaning] = {
     TrailingDataError: Meaning(502, "trailing_data", "{subject} has extra data at its end"),
     UnsupportedFormatError: Meaning(502, "unsupported_format", "{subject} is not readable"),
     SignatureError: Meaning(502, "bad_signature", "{subject} failed its signature check"),
+    RollbackRefused: Meaning(409, "rollback_refused", "{subject} is an older release"),
     DockerError: Meaning(502, "docker_error", "Docker load error"),
     DockerUnavailable: Meaning(503, "docker_unavailable", "Docker load error"),
     UnlockError: Meaning(500, "unlock_failed"),

@@ -94,6 +94,17 @@ class UnlockProgress(BaseModel):
     percent: float
 
 
+class UpdateStatus(BaseModel):
+    """The last update (a new archive loaded beside the installed release): ``ready`` once it
+    is the installed release, ``error`` if it failed (the device stays on the release before)."""
+
+    state: UnlockState
+    error: str | None
+    progress: UnlockProgress
+    message: str | None = None
+    release: int | None = None
+
+
 class UnlockStatus(BaseModel):
     """``/unlock/status``, and the ``unlock`` of ``/status``: made by ``UnlockManager``."""
 
@@ -105,6 +116,9 @@ class UnlockStatus(BaseModel):
     next_retry_in: float | None = None
     retry_reason: str | None = None
     images: int | None = None
+    release: int | None = None  # the installed release, once ready
+    publisher: str | None = None  # the key id whose signature it carries, if signed
+    update: UpdateStatus | None = None  # once an update has run
 
 
 class ReadyResponse(BaseModel):
@@ -115,12 +129,21 @@ class ReadyResponse(BaseModel):
     message: str | None
 
 
+class SignatureStatus(BaseModel):
+    """Publisher signatures on this device: ``enforced`` once a key is installed."""
+
+    enforced: bool
+    keys: list[str]  # key ids (hex) trusted now
+    problems: list[str]  # key files that could not be read (they trust nothing)
+
+
 class StatusResponse(BaseModel):
     status: Literal["healthy"]
     version: str
     authenticated: bool
     modelCacheDir: str  # the original service's field name
     unlock: UnlockStatus
+    signatures: SignatureStatus
 
 
 class LoginResponse(BaseModel):

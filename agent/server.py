@@ -16,6 +16,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeGuard, TypeVar
 from urllib.parse import unquote
 
@@ -45,12 +46,14 @@ from agent.schemas import (
     LoginRequest,
     LoginResponse,
     ReadyResponse,
+    SignatureStatus,
     StatusResponse,
     UnlockRequest,
     UnlockState,
     UnlockStatus,
     UploadResponse,
 )
+from agent.signing import TrustStore
 
 # Host and Origin: this machine's names only (agent.routes.LOOPBACK_AUTHORITY).
 LOOPBACK_HOST = re.compile(LOOPBACK_AUTHORITY)
@@ -370,8 +373,17 @@ async def status(request: web.Request) -> web.Response:
         authenticated=services.api.authenticated,
         modelCacheDir=str(services.settings.model_cache_dir),
         unlock=services.unlock.snapshot(),
+        signatures=signature_status(services.settings.loader_publishers_dir),
     )
     return model_response(body)
+
+
+def signature_status(publishers_dir: Path) -> SignatureStatus:
+    """Read afresh (a handful of small files), so the answer is what the next unlock will use."""
+    store = TrustStore.load(publishers_dir)
+    return SignatureStatus(
+        enforced=store.enforced, keys=store.key_names(), problems=list(store.problems)
+    )
 
 
 async def login(request: web.Request) -> web.Response:

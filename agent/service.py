@@ -33,6 +33,7 @@ from agent.server import create_app
 from agent.settings import MiB, Settings
 from agent.transport import TransferLimits
 from agent.unlock import UnlockManager
+from agent.watch import FileWatch
 
 # Debug-only hook for the watchdog system test: SIGUSR2 blocks the event loop.
 DEBUG_BLOCK_ENV = "LOADER_DEBUG_BLOCK_LOOP_ON_SIGUSR2"
@@ -127,6 +128,8 @@ async def serve(settings: Settings, environ: Mapping[str, str] | None = None) ->
     loop.set_exception_handler(log_loop_errors())
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload, services)  # systemctl reload
+    archive_watch = FileWatch(settings.images_path, services.unlock.notice_archive)
     if env.get(DEBUG_BLOCK_ENV) == "1":
         loop.add_signal_handler(signal.SIGUSR2, _block_loop)
     watchdog = asyncio.create_task(notifier.watchdog_loop(), name="watchdog")
@@ -150,13 +153,22 @@ async def serve(settings: Settings, environ: Mapping[str, str] | None = None) ->
         notifier.ready(serving_status(services.unlock))
         startup.load_deferred_certificates()  # this turn, before any upstream call: agent.startup
         await _auto_unlock(settings, services, notifier)
+        archive_watch.start()  # a new archive put in place while serving is an update
         await stop.wait()
         logger.info("stopping")
         notifier.stopping()
     finally:
+        archive_watch.close()
         watchdog.cancel()
         await _shutdown(runner, services, listeners)
     logger.info("stopped")
+
+
+def _reload(services: Services) -> None:
+    """SIGHUP (``systemctl reload``): look at the archive again (an update, or a retry of an
+    unlock that failed), and at the images of earlier releases still waiting to be removed."""
+    logger.info("reload: checking {} for a new archive", services.settings.images_path)
+    services.unlock.notice_archive()
 
 
 async def _auto_unlock(settings: Settings, services: Services, notifier: Notifier) -> None:

@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     loader_state_dir: Path = Path("/var/lib/azaion-loader")
     model_cache_dir: Path = Path("/var/cache/azaion-loader")
     loader_device_fragment_path: Path | None = None
+    # Publisher keys the device trusts (*.pub); with one installed, everything must be signed.
+    loader_publishers_dir: Path = Path("/etc/azaion-loader/publishers.d")
+    # Accept a signed archive whose release is lower than the installed one (for this boot).
+    loader_allow_downgrade: bool = False
     docker_host: str | None = None
     azaion_email: str | None = None
     azaion_password: SecretStr | None = None
@@ -99,6 +103,7 @@ class Settings(BaseSettings):
         "loader_state_dir",
         "model_cache_dir",
         "loader_device_fragment_path",
+        "loader_publishers_dir",
     )
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:

@@ -256,6 +256,7 @@ install_files() {
 	install -D -m 0644 "$PKG/sysusers.conf" "$stage/usr/lib/sysusers.d/$NAME.conf"
 	install -D -m 0644 "$PKG/tmpfiles.conf" "$stage/usr/lib/tmpfiles.d/$NAME.conf"
 	install -D -m 0644 "$PKG/loader.env" "$stage/etc/$NAME/loader.env"
+	install -d -m 0755 "$stage/etc/$NAME/publishers.d"
 	template "$PKG/ensure-env" "$version" >"$stage$LIBDIR/ensure-env"
 	chmod 0755 "$stage$LIBDIR/ensure-env"
 	install -d "$stage/usr/bin"

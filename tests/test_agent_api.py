@@ -145,3 +145,24 @@ def test_cli_unlock_without_agent_fails_clearly(agent_root: Path) -> None:
     )
     assert result.returncode == 1
     assert "the agent is not running" in result.stderr
+
+
+def test_status_says_whether_signatures_are_enforced(
+    make_agent: MakeAgent, dev_api: DevApi, tmp_path: Path
+) -> None:
+    """Read afresh on each /status: no key, then a key and a broken key file installed."""
+    from agent import signing
+
+    publishers = tmp_path / "publishers.d"
+    publishers.mkdir()
+    agent = make_agent(RESOURCE_API_URL=dev_api.url, LOADER_PUBLISHERS_DIR=str(publishers))
+    before = agent.request("GET", "/status").json()["signatures"]
+    assert before == {"enforced": False, "keys": [], "problems": []}
+
+    public = signing.write_key_pair(tmp_path / "publisher.key", "team")
+    (publishers / "team.pub").write_text(public.to_line())
+    (publishers / "broken.pub").write_text("not a key\n")
+    after = agent.request("GET", "/status").json()["signatures"]
+
+    assert after["enforced"] is True and after["keys"] == [public.name]
+    assert len(after["problems"]) == 1 and "broken.pub" in after["problems"][0]

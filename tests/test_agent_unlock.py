@@ -7,11 +7,15 @@ the state directory alone.
 
 from __future__ import annotations
 
+import os
 import secrets
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -108,3 +112,72 @@ def test_unlock_wait_reports_a_wrong_key_as_an_error(
         "azaion-loader: error: unlock failed: wrong key fragment"
     ), waited.stderr
     assert image_id not in dockerd.image_ids()
+
+
+def wait_for_release(agent: AgentProcess, image_id: str, timeout: float = 60.0) -> dict[str, Any]:
+    """Poll /unlock/status (an observable state, with a deadline) until the update that brings
+    ``image_id`` has been recorded, or fail with the last answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = agent.request("GET", "/unlock/status").json()
+        update = status.get("update") or {}
+        if update.get("state") in ("ready", "error"):
+            return dict(status)
+        if time.monotonic() > deadline:
+            pytest.fail(f"no update within {timeout} s: {status}\n{agent.log()[-3000:]}")
+        time.sleep(0.05)
+
+
+def test_an_archive_put_in_place_while_serving_is_an_update_and_sighup_checks_again(
+    make_agent: MakeAgent,
+    dockerd: Dockerd,
+    dev_api: DevApi,
+    packed_archive: tuple[Path, str, str],
+    agent_root: Path,
+) -> None:
+    """A rename into IMAGES_PATH's directory is noticed by itself; a replacement the directory
+    watch cannot see (the archive is a link into another directory) by `systemctl reload`'s
+    SIGHUP. Each time the device stays ready and the previous image goes."""
+    first, _ref, first_id = packed_archive
+    shipped = agent_root / "shipped"
+    shipped.mkdir()
+    link_dir = agent_root / "device"
+    link_dir.mkdir()
+    (link_dir / "images.enc").symlink_to(shipped / "images.enc")
+    first.rename(shipped / "images.enc")
+    agent = make_agent(**unlock_settings(dockerd, dev_api, link_dir / "images.enc"))
+    assert agent.cli("unlock", "--wait").returncode == 0
+    assert first_id in dockerd.image_ids()
+
+    def publish_next(name: str) -> str:
+        ref = f"azaion/boot-{secrets.token_hex(4)}:{name}"
+        image_id = import_image(dockerd.client, ref)
+        staging = agent_root / f"staging-{name}"
+        staging.mkdir()
+        publish(dockerd, dev_api, ref, image_id, staging)
+        return image_id
+
+    second_id = publish_next("2")
+    (agent_root / "staging-2" / "images.enc").rename(shipped / "images.enc")  # unseen by the watch
+    agent.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    status = wait_for_release(agent, second_id)
+    assert status["state"] == "ready" and status["update"]["state"] == "ready", status
+    assert second_id in dockerd.image_ids() and first_id not in dockerd.image_ids()
+    assert "reload: checking" in agent.log()
+
+    third_id = publish_next("3")
+    os.unlink(link_dir / "images.enc")
+    staged = link_dir / ".images.enc.new"
+    (agent_root / "staging-3" / "images.enc").rename(staged)
+    staged.rename(link_dir / "images.enc")  # renamed into place: the watch sees it
+    deadline = time.monotonic() + 60
+
+    def held() -> set[str]:  # one listing: images may go while it runs
+        return set(dockerd.client.api.images(all=True, quiet=True))
+
+    while third_id not in held() or second_id in held():
+        if time.monotonic() > deadline:
+            pytest.fail(f"the renamed archive was not loaded: {agent.log()[-3000:]}")
+        time.sleep(0.05)
+    status = agent.request("GET", "/unlock/status").json()
+    assert status["state"] == "ready" and status["update"]["state"] == "ready", status

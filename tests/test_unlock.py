@@ -140,6 +140,7 @@ class Rig:
             "docker_host": self.docker_host,
             "azaion_email": self.dev_api.email,
             "azaion_password": self.dev_api.password,
+            "loader_publishers_dir": self.root / "publishers.d",
             **overrides,
         }
         return Settings(**values)
@@ -277,6 +278,8 @@ async def test_recorded_images_gone_means_loading_again(rig: Rig) -> None:
 
 
 async def test_a_new_archive_is_loaded_even_when_the_old_one_was(rig: Rig) -> None:
+    """At boot the installed images are ready at once; the new archive is then loaded as an
+    update beside them, and the old release's image goes once the new one is recorded."""
     old = rig.pack()
     assert (await unlock(rig.manager()))["state"] == "ready"
     new = rig.pack()  # the publisher ships an update in place of the old archive
@@ -284,12 +287,15 @@ async def test_a_new_archive_is_loaded_even_when_the_old_one_was(rig: Rig) -> No
 
     result = await unlock(rig.manager(states=states))
 
+    assert states == ["checking", "ready"]  # ready on what was installed, no load in between
     assert result["state"] == "ready", result
-    assert "loading" in states
+    assert result["update"]["state"] == "ready" and result["update"]["error"] is None
     assert new.image_id in rig.dockerd.image_ids()
+    assert old.image_id not in rig.dockerd.image_ids()
     record = read_record(rig.state_dir)
     assert record is not None
     assert [image.id for image in record.images] == [new.image_id] != [old.image_id]
+    assert record.pending_removal == ()
 
 
 async def test_snapshot_before_any_unlock(rig: Rig) -> None:

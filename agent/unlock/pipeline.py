@@ -13,25 +13,42 @@ a wrong key fails) before the engine is contacted; the last ``HOLDBACK`` bytes a
 once the whole stream has authenticated, so Docker never sees the end of the tar of an archive
 that later fails; and a stop is noticed between pieces. A failed or cancelled load drops the
 connection mid-body, and the engine keeps nothing of it.
+
+Publisher signatures (``agent.signing``, ``Trust``) are checked in the same pass: before the
+first byte is decrypted, that the archive is signed if the device requires it, by a key it
+trusts, and not as a release older than the installed one; once the manifest is read, that it
+names the signed release; and after the final chunk, the signature over the ciphertext's
+length and SHA-256 (hashed as it is read) and the manifest's SHA-256. Only then is the held-back
+tail released, so Docker never completes the load of an archive whose signature fails.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from loguru import logger
 
 from agent.archive import ArchiveManifest, ImageEntry, PayloadSplitter
 from agent.engine import Engine
-from agent.errors import NotFoundError, UnlockCancelled, UnlockError
+from agent.errors import (
+    NotFoundError,
+    RollbackRefused,
+    SignatureError,
+    UnlockCancelled,
+    UnlockError,
+)
+from agent.signing import Kind, SignatureBlock, Statement, TrustStore, split_archive
 from agent.stream import HEADER_SIZE, decrypt_iter
 from agent.unlock.record import (
     ArchiveIdentity,
+    UnlockRecord,
     archive_identity,
     read_record,
     remove_stale_temp_files,
@@ -69,21 +86,38 @@ def steady_heap() -> None:
     mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
 
 
+@dataclass(frozen=True)
+class Installed:
+    """What the checking stage found: the record of images that are installed and usable now,
+    and whether the archive at ``IMAGES_PATH`` is the one they came from (else: an update)."""
+
+    record: UnlockRecord
+    current: bool
+
+
 def already_loaded(
     state_dir: Path,
     archive: Path,
     engine_factory: Callable[[], Engine],
     api_version: str,
-) -> int | None:
-    """The checking stage: the number of images when the recorded unlock still holds (the same
-    archive, or none any more, and all its images present, tagged again if need be); ``None``
-    when the archive is to be loaded."""
+    trust: Trust | None = None,
+) -> Installed | None:
+    """The checking stage: the installed release when the recorded unlock still holds (all
+    its images present, tagged again if need be, and verified by a publisher trusted now where
+    signatures are required), with whether the archive is still the one it came from (same
+    archive, or none any more); ``None`` when there is nothing usable and the archive is to be
+    loaded."""
     remove_stale_temp_files(state_dir)
     record = read_record(state_dir)
     if record is None:
         return None
-    if archive.exists() and archive_identity(archive) != record.archive:
-        logger.info("unlock: {} is a new archive, loading it", archive)
+    current = not archive.exists() or archive_identity(archive) == record.archive
+    if trust is not None and trust.store.enforced and record.publisher not in trust.key_names:
+        logger.warning(
+            "unlock: the installed images were not verified by a publisher this device trusts "
+            "now; loading {} again to check its signature",
+            archive,
+        )
         return None
     with engine_factory() as engine:
         if not all_present(engine, record.images):
@@ -95,8 +129,72 @@ def already_loaded(
             logger.info("unlock: recorded images are missing from the Docker engine, reloading")
             return None
         verify_images(engine, record.images, api_version)
-    logger.info("unlock: archive already loaded and all images present (no network needed)")
-    return len(record.images)
+    if current:
+        logger.info("unlock: archive already loaded and all images present (no network needed)")
+    else:
+        logger.info(
+            "unlock: release {} installed and all its images present; {} is a new archive, "
+            "to be loaded as an update",
+            record.release,
+            archive,
+        )
+    return Installed(record, current)
+
+
+def archive_changed(state_dir: Path, archive: Path) -> UnlockRecord | None:
+    """The installed record if ``archive`` exists and is not the archive it came from."""
+    record = read_record(state_dir)
+    if record is None or not archive.exists() or archive_identity(archive) == record.archive:
+        return None
+    return record
+
+
+def remove_images(engine: Engine, image_ids: Iterable[str]) -> tuple[str, ...]:
+    """Remove the images no release needs any more, except those a container uses; the ones
+    left (in use) are returned, to try again at the next check."""
+    left = []
+    for image_id in image_ids:
+        if engine.remove_unused(image_id):
+            logger.info("unlock: removed image {} of an earlier release", image_id[:19])
+        else:
+            logger.info("unlock: image {} of an earlier release is in use; kept", image_id[:19])
+            left.append(image_id)
+    return tuple(left)
+
+
+@dataclass(frozen=True)
+class Trust:
+    """What an archive's signature is checked against: the publisher keys the device trusts,
+    the release installed now (signed releases below it are refused), and whether the operator
+    allowed a downgrade for this boot (``LOADER_ALLOW_DOWNGRADE``)."""
+
+    store: TrustStore
+    installed_release: int | None = None
+    allow_downgrade: bool = False
+
+    @property
+    def key_names(self) -> list[str]:
+        return self.store.key_names()
+
+
+def engine_body(
+    splitter: PayloadSplitter, trust: Trust, reader: ArchiveReader, what: str
+) -> Iterator[bytes]:
+    """The tar for the engine: the signature verified once the stream has authenticated, and
+    only then the held-back tail released."""
+    return held_back(then_verified(splitter.tar_chunks(), trust, reader, splitter, what))
+
+
+def load_trust(publishers_dir: Path, state_dir: Path, allow_downgrade: bool) -> Trust:
+    """The trust an unlock starts with: the publisher keys installed now (read afresh each
+    time, so a key added or removed counts from the next unlock), the installed release."""
+    store = TrustStore.load(publishers_dir)
+    for problem in store.problems:
+        logger.warning("publisher keys: {}", problem)
+    record = read_record(state_dir)
+    # Only a verified release counts: an unsigned archive's claim must not block signed ones.
+    installed = None if record is None or record.publisher is None else record.release
+    return Trust(store, installed, allow_downgrade)
 
 
 @dataclass(frozen=True)
@@ -104,34 +202,111 @@ class LoadOutcome:
     manifest: ArchiveManifest
     archive: ArchiveIdentity
     loaded: list[str]
+    signature: SignatureBlock | None = None
+    verified_by: str | None = None  # the trusted key whose signature verified
 
 
 class ArchiveReader:
-    """Reads the archive once: keeps its header (its identity), counts progress, and stops
-    when cancelled."""
+    """Reads the archive's stream once (up to its signature block, if it has one): keeps its
+    header (its identity), hashes it when it is signed, counts progress, and stops when
+    cancelled."""
 
     def __init__(
-        self, path: Path, cancel: threading.Event, progress: Callable[[int], None]
+        self,
+        file: BinaryIO,
+        cancel: threading.Event,
+        progress: Callable[[int], None],
+        *,
+        stream_size: int,
+        signature: SignatureBlock | None,
     ) -> None:
-        self.path = path
+        self._file = file
         self._cancel = cancel
         self._progress = progress
+        self._stream_size = stream_size
+        self.signature = signature
+        self._digest = hashlib.sha256() if signature is not None else None
         self._header = b""
-        self.size = 0
+        self.size = 0  # stream bytes read
 
     def chunks(self) -> Iterator[bytes]:
-        with self.path.open("rb") as file:
-            while block := file.read(READ_SIZE):
-                if self._cancel.is_set():
-                    raise UnlockCancelled("the unlock was stopped")
-                if len(self._header) < HEADER_SIZE:
-                    self._header += block[: HEADER_SIZE - len(self._header)]
-                self.size += len(block)
-                self._progress(self.size)
-                yield block
+        left = self._stream_size
+        while left and (block := self._file.read(min(READ_SIZE, left))):
+            if self._cancel.is_set():
+                raise UnlockCancelled("the unlock was stopped")
+            if len(self._header) < HEADER_SIZE:
+                self._header += block[: HEADER_SIZE - len(self._header)]
+            if self._digest is not None:
+                self._digest.update(block)
+            left -= len(block)
+            self.size += len(block)
+            self._progress(self.size)
+            yield block
+
+    def digest(self) -> bytes:
+        return b"" if self._digest is None else self._digest.digest()
 
     def identity(self) -> ArchiveIdentity:
-        return ArchiveIdentity.of_header(self._header, self.size)
+        block = b"" if self.signature is None else self.signature.pack()
+        size = self.size + len(block)
+        return ArchiveIdentity.of_header(self._header + block, size)
+
+
+def check_before_reading(trust: Trust, block: SignatureBlock | None, what: str) -> None:
+    """What can be refused before a byte is decrypted: a missing signature where one is
+    required, an untrusted key, an older release."""
+    store = trust.store
+    if block is None:
+        if store.enforced:
+            raise SignatureError(f"{what} is not signed, and this device requires signatures")
+        return
+    signed = block.statement
+    if store.enforced and signed.key_id not in store.keys:
+        raise SignatureError(
+            f"{what} is signed by key {signed.key_id.hex()}, which this device does not trust "
+            "(not in its publishers directory)"
+        )
+    installed = trust.installed_release
+    if installed is not None and signed.release < installed:
+        if not trust.allow_downgrade:
+            raise RollbackRefused(
+                f"{what} is release {signed.release}, older than the installed release "
+                f"{installed}; set LOADER_ALLOW_DOWNGRADE=1 for one boot to allow it"
+            )
+        logger.warning(
+            "unlock: loading release {} over the installed release {} (LOADER_ALLOW_DOWNGRADE)",
+            signed.release,
+            installed,
+        )
+
+
+def check_manifest(block: SignatureBlock | None, manifest: ArchiveManifest, what: str) -> None:
+    if block is not None and manifest.release != block.statement.release:
+        raise SignatureError(
+            f"{what} holds release {manifest.release} but is signed as release "
+            f"{block.statement.release}"
+        )
+
+
+def then_verified(
+    pieces: Iterable[bytes],
+    trust: Trust,
+    reader: ArchiveReader,
+    splitter: PayloadSplitter,
+    what: str,
+) -> Iterator[bytes]:
+    """Pass ``pieces`` on; once they end (the stream authenticated), verify the signature, so
+    a failure comes before ``held_back`` releases the tail."""
+    yield from pieces
+    measured = Statement(
+        Kind.ARCHIVE,
+        bytes(8),
+        0,
+        reader.size,
+        reader.digest() or bytes(32),
+        hashlib.sha256(splitter.manifest_bytes).digest(),
+    )
+    trust.store.verify(reader.signature, measured, what)
 
 
 def held_back(pieces: Iterable[bytes], holdback: int = HOLDBACK) -> Iterator[bytes]:
@@ -174,18 +349,37 @@ def load_archive(
     cancel: threading.Event,
     progress: Callable[[int], None],
     decrypted: Callable[[int], None] = lambda size: None,
+    trust: Trust | None = None,
 ) -> LoadOutcome:
     """Decrypt ``path`` straight into the engine's image load. Blocking: run in a thread.
 
     ``progress`` is told the archive bytes read so far, ``decrypted`` each authenticated piece's
-    size."""
+    size. ``trust``: check the publisher signature (none: an unsigned-archive device's old
+    behaviour, the signature block skipped unchecked)."""
     steady_heap()
-    reader = ArchiveReader(path, cancel, progress)
-    splitter = PayloadSplitter(counted(decrypt_iter(reader.chunks(), fragments), decrypted))
-    manifest = splitter.read_manifest()  # wrong key or foreign file: fails before Docker
-    with engine_factory() as engine:
-        loaded = engine.load(until_cancelled(held_back(splitter.tar_chunks()), cancel))
-    return LoadOutcome(manifest=manifest, archive=reader.identity(), loaded=loaded)
+    trust = trust or Trust(TrustStore())
+    what = f"the images archive {path}"
+    with path.open("rb") as file:
+        stream_size, block = split_archive(file)
+        check_before_reading(trust, block, what)
+        reader = ArchiveReader(file, cancel, progress, stream_size=stream_size, signature=block)
+        splitter = PayloadSplitter(counted(decrypt_iter(reader.chunks(), fragments), decrypted))
+        manifest = splitter.read_manifest()  # wrong key or foreign file: fails before Docker
+        check_manifest(block, manifest, what)
+        with engine_factory() as engine:
+            loaded = engine.load(
+                until_cancelled(engine_body(splitter, trust, reader, what), cancel)
+            )
+    verified_by = None
+    if block is not None and block.statement.key_id in trust.store.keys:
+        verified_by = block.statement.key_id.hex()
+    return LoadOutcome(
+        manifest=manifest,
+        archive=reader.identity(),
+        loaded=loaded,
+        signature=block,
+        verified_by=verified_by,
+    )
 
 
 def verify_images(engine: Engine, images: Iterable[ImageEntry], api_version: str) -> None:

@@ -1,8 +1,9 @@
 """What survives a reboot: the record of the last successful unlock.
 
 ``LOADER_STATE_DIR/unlock.json``, written durably and atomically (``agent.durable``), names the
-archive by its ``ArchiveIdentity`` and lists the images it held. At the next boot, the same
-archive with all those images present needs no network. Nothing in it is secret.
+archive by its ``ArchiveIdentity`` and lists the images it held, with the release number and
+the publisher key that signed it (``agent.signing``; none for an unsigned archive). At the next
+boot, the same archive with all those images present needs no network. Nothing in it is secret.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from loguru import logger
 from agent.archive import ImageEntry
 from agent.durable import write_atomically
 from agent.errors import LoaderError
+from agent.signing import split_archive
 from agent.stream import HEADER_SIZE
 
 RECORD_NAME = "unlock.json"
@@ -33,7 +35,9 @@ class ArchiveIdentity:
     The header holds the archive's random salt and a MAC over it under the archive's key, so it
     is unique per archive and cannot be reused with other content without the key. Digesting
     the header instead of the whole file keeps the boot-time check instant at any archive size
-    (and the load free of a second hash over every byte).
+    (and the load free of a second hash over every byte). A signed archive's digest covers its
+    signature block too (``header || block``), so the same stream signed again as another
+    release is another archive; ``size`` is the whole file's.
     """
 
     header_sha256: str
@@ -52,6 +56,11 @@ class UnlockRecord:
     images: tuple[ImageEntry, ...]
     api_version: str
     unlocked_at: str
+    release: int = 0
+    publisher: str | None = None  # the key id (hex) whose signature verified, if any
+    # Images of earlier releases that this one does not carry and a container still used
+    # when they were to be removed: tried again at each check, never forced.
+    pending_removal: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -63,6 +72,9 @@ class UnlockRecord:
             "images": [image.to_json() for image in self.images],
             "api_version": self.api_version,
             "unlocked_at": self.unlocked_at,
+            "release": self.release,
+            "publisher": self.publisher,
+            "pending_removal": list(self.pending_removal),
         }
 
     @classmethod
@@ -77,6 +89,9 @@ class UnlockRecord:
             images=tuple(ImageEntry.from_json(item) for item in data["images"]),
             api_version=str(data["api_version"]),
             unlocked_at=str(data["unlocked_at"]),
+            release=int(data.get("release", 0)),
+            publisher=None if data.get("publisher") is None else str(data["publisher"]),
+            pending_removal=tuple(str(item) for item in data.get("pending_removal", [])),
         )
 
 
@@ -111,8 +126,9 @@ def remove_stale_temp_files(state_dir: Path) -> None:
 
 
 def archive_identity(path: Path) -> ArchiveIdentity:
-    """The identity of the archive at ``path`` (reads only its header)."""
+    """The identity of the archive at ``path`` (reads only its header and signature block)."""
     with path.open("rb") as file:
         header = file.read(HEADER_SIZE)
         size = os.fstat(file.fileno()).st_size
-    return ArchiveIdentity.of_header(header, size)
+        block = split_archive(file)[1]
+    return ArchiveIdentity.of_header(header + (block.pack() if block else b""), size)

@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from agent.retry import RetryCounts
-from agent.schemas import UnlockProgress, UnlockState, UnlockStatus
+from agent.schemas import UnlockProgress, UnlockState, UnlockStatus, UpdateStatus
+from agent.unlock.record import UnlockRecord
 
 STAGE_LABELS = {
     UnlockState.IDLE: "images locked",
@@ -61,6 +62,14 @@ class UnlockView:
     progress: Progress = field(default_factory=Progress)
     waiting: Waiting | None = None  # while a transient fault is backed off
     image_count: int = 0  # once ready
+    release: int = 0  # of the installed images, once ready
+    publisher: str | None = None  # the key id that signed them, if one did
+
+    def installed(self, record: UnlockRecord) -> None:
+        """What is ready: the record of the unlock that holds."""
+        self.image_count = len(record.images)
+        self.release = record.release
+        self.publisher = record.publisher
 
     def snapshot(self, now: float) -> UnlockStatus:
         """What ``/unlock/status`` answers. The retry fields are set only while waiting, the
@@ -83,13 +92,29 @@ class UnlockView:
             snapshot.retry_reason = self.waiting.reason
         if self.state is UnlockState.READY:
             snapshot.images = self.image_count
+            snapshot.release = self.release
+            snapshot.publisher = self.publisher
         return snapshot
+
+    def update_snapshot(self, now: float) -> UpdateStatus:
+        """This view as an update's: its stage and progress, or how it ended."""
+        whole = self.snapshot(now)
+        return UpdateStatus(
+            state=whole.state,
+            error=whole.error,
+            progress=whole.progress,
+            message=whole.message,
+            release=self.release if self.state is UnlockState.READY else None,
+        )
 
     def status_line(self, now: float) -> str:
         state = self.state
         if state is UnlockState.READY:
             plural = "" if self.image_count == 1 else "s"
-            return f"ready: {self.image_count} image{plural} loaded"
+            signed = (
+                f", release {self.release} signed by {self.publisher}" if self.publisher else ""
+            )
+            return f"ready: {self.image_count} image{plural} loaded{signed}"
         if state is UnlockState.ERROR:
             return f"error: {self.error}"
         if state is UnlockState.WAITING and self.waiting is not None:
