@@ -146,6 +146,11 @@ class BigPartCache:
         self._verified.pop(path, None)
         path.unlink(missing_ok=True)
 
+    def partial_path(self, path: Path) -> Path:
+        """Where the part at ``path`` is while it downloads (unverified: only a load following
+        that download reads it, and hands out only what authenticates)."""
+        return Partial.path_of(path)
+
     def partial(self, path: Path) -> Partial:
         """The partial file of the part at ``path`` while it downloads (its folder created)."""
         self._directory(path.parent.name)
@@ -209,10 +214,14 @@ class Partial:
 
     def __init__(self, target: Path) -> None:
         self.target = target
-        self.path = target.with_name(f".{target.name}.part")
+        self.path = self.path_of(target)
         self.what = f"big part {target.parent.name}/{target.name}"
         self._hasher = hashlib.sha256()
         self._hashed = 0
+
+    @staticmethod
+    def path_of(target: Path) -> Path:
+        return target.with_name(f".{target.name}.part")
 
     @property
     def size(self) -> int:

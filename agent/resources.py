@@ -40,7 +40,7 @@ from loguru import logger
 from agent import keys, stream
 from agent.api_client import ResourceApiClient
 from agent.cache import BigPartCache, Spool, check_component
-from agent.download import BigPartDownloads
+from agent.download import BigPartDownloads, GrowingFile
 from agent.errors import LoaderError, StreamError, TruncatedError, UpstreamError
 from agent.schemas import UploadResult
 
@@ -214,23 +214,17 @@ class ResourceStore:
                 f"read ({exc})"
             ) from exc
         self._check_claimed_size(small, folder, name)
-        for last_try in (False, True):
-            path = await self._downloads.fetch(
-                folder,
-                small.big_name,
-                small.big_size,
-                small.big_sha256,
-                what=f"big part of {folder}/{name}",
-            )
-            try:
-                # Held open from here: a concurrent drop of the file cannot pull it away.
-                file = path.open("rb")
-                break
-            except FileNotFoundError:  # dropped between the fetch and now: fetch again
-                if last_try:
-                    raise UpstreamError(
-                        f"the cached big part of {folder}/{name} keeps disappearing"
-                    ) from None
+        # From the cache, or following the download as it writes the file: once the big
+        # part's key fragment is on disk, the load starts (``Resource._read`` waits for more).
+        file = await self._downloads.open(
+            folder,
+            small.big_name,
+            small.big_size,
+            small.big_sha256,
+            what=f"big part of {folder}/{name}",
+            ahead=1 + keys.MAX_FRAGMENT_SIZE,
+        )
+        path = self._cache.path(folder, small.big_name)
         try:
             return Resource(small, file, lambda: self._cache.forget(path), self.stats)
         except BaseException:
@@ -354,6 +348,8 @@ class Resource:
     async def _read(self) -> int:
         """Fill the buffer from the file: right here if the bytes are in the page cache (a copy
         of 1 MiB, ~0.1 ms), else in a worker thread, as a read from the disk may block."""
+        if isinstance(self._file.raw, GrowingFile):  # the download is still writing it
+            await self._file.raw.wait_for(self._offset + len(self._buffer))
         fd = self._file.fileno()
         if self._reading is None and self._nowait:
             try:
