@@ -79,6 +79,7 @@ class Progress:
     def __init__(self) -> None:
         self.written = 0
         self.generation = 0
+        self.suspect = False  # a load found bytes in the partial file that do not authenticate
         self._changed = asyncio.Event()
 
     def announce(self, written: int) -> None:
@@ -123,7 +124,7 @@ async def _next_change(download: _Download, deadline: float) -> None:
         changed.cancel()
     if not done:
         raise TransferTooSlow(
-            f"the download of the {download.what} made no progress within {deadline:.0f} s "
+            f"the CDN download of the {download.what} made no progress within {deadline:.0f} s "
             f"(LOADER_UPSTREAM_DEADLINE)"
         )
 
@@ -243,14 +244,16 @@ class BigPartDownloads:
 
     async def _follow(self, path: Path, download: _Download, ahead: int) -> GrowingFile | None:
         """A ``GrowingFile`` once the download has written ``ahead`` bytes; None if the task
-        ended first with the part in the cache (its error if it failed)."""
+        ended first with the part in the cache (its error if it failed). A part no longer
+        than ``ahead`` is not followed: it is verified whole first, as it used to be."""
         progress, task = download.progress, download.task
-        deadline = self._api.limits.deadline
+        # Past the transfer's own deadline (its guard's verdict comes first, naming the CDN).
+        deadline = self._api.limits.deadline + self._api.limits.window
         while True:
             if task.done():
                 await asyncio.shield(task)  # its result, or its error
                 return None
-            if progress.written >= min(ahead, download.size):
+            if download.size > ahead and progress.written >= ahead:
                 try:
                     return GrowingFile(
                         self._cache.partial_path(path),
@@ -282,10 +285,21 @@ class BigPartDownloads:
         download.followers += 1
         return download
 
+    def forget(self, path: Path) -> None:
+        """Bytes of the part at ``path`` did not authenticate: drop it from the cache, and
+        drop the partial file of its download in flight should that download be stopped
+        (not resumed: what it holds is bad). Carried on, it ends with the SHA-256 check."""
+        self._cache.forget(path)
+        download = self._inflight.get(path)
+        if download is not None:
+            download.progress.suspect = True
+
     def _leave(self, path: Path, download: _Download) -> None:
-        """One caller less waits for or follows ``download``; the last one stops it."""
+        """One caller less waits for or follows ``download``; the last one stops it, unless
+        all its bytes are on disk (the check and the move into place are left: they finish)."""
         download.followers -= 1
-        if not download.followers and not download.task.done():
+        complete = download.progress.written >= download.size
+        if not download.followers and not download.task.done() and not complete:
             logger.info("nobody waits for big part {} any more: download stopped", path.name)
             download.task.cancel()
 
@@ -312,6 +326,8 @@ class BigPartDownloads:
         try:
             return await self._download_verified(partial, size, sha256, source)
         except asyncio.CancelledError:
+            if source.progress.suspect:  # a load found bad bytes in it: not worth resuming
+                partial.drop()
             raise  # shutdown or nobody waits: the partial file stays, to be resumed
         except BaseException:
             partial.drop()  # failed for good: nothing may pile up on the disk

@@ -226,7 +226,16 @@ class ResourceStore:
         )
         path = self._cache.path(folder, small.big_name)
         try:
-            return Resource(small, file, lambda: self._cache.forget(path), self.stats)
+            return Resource(small, file, lambda: self._downloads.forget(path), self.stats)
+        except StreamError as exc:
+            file.close()
+            if not isinstance(file.raw, GrowingFile):
+                raise
+            self._downloads.forget(path)  # what the CDN sent so far is bad
+            raise UpstreamError(
+                f"the CDN sent the big part of {folder}/{name} with content that does not "
+                f"match its record ({exc})"
+            ) from exc
         except BaseException:
             file.close()
             raise
