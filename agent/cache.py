@@ -10,6 +10,10 @@ mtime, ctime) is remembered in memory: any write to the file changes its ctime, 
 hashed again. What this cannot see (a bit flip behind the file system's back) the stream format
 still catches, chunk by chunk, and ``forget`` drops the file.
 
+While a part downloads, its partial file is read by the loads that follow the download
+(``partial_path``; ``agent.download``): they hand out only what authenticates, and the file is
+moved to its final name only once its SHA-256 matches.
+
 This module is the disk only: who downloads, resumes and retries is ``agent.download``, which
 writes through a ``Partial`` and asks ``check_free_space`` first: the cache's file system must
 hold what is still missing plus ``FREE_SPACE_RESERVE``, else ``CacheError`` (507) says how much

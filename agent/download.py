@@ -1,10 +1,23 @@
 """BigPartDownloads: a big part from the CDN into the cache, once however many callers ask.
 
-``fetch`` is single-flight per part: concurrent loads of one part share one check of the cache
-and at most one download. A caller that goes away (client disconnected) does not stop the
-others' download; the last one to go does (its partial file stays, to be resumed). A download
-being stopped is not shared: a caller that comes meanwhile waits for it to end and starts
-afresh.
+``fetch`` (the path once the part is intact) and ``open`` (the part open for reading, while
+it downloads) are single-flight per part: concurrent loads of one part share one check of the
+cache and at most one download. A caller that goes away (client disconnected) does not stop the
+others' download; the last one to go does (its partial file stays, to be resumed), unless all
+the bytes are on disk already. A download being stopped is not shared: a caller that comes
+meanwhile waits for it to end and starts afresh.
+
+A cold load does not wait for the end: ``open`` hands it the partial file as a ``GrowingFile``
+once the first bytes (the big part's key fragment) are there, and the load reads on as the
+download writes. The download announces each batch it has written (``Progress``, about 1 MiB:
+the loads wake once per batch, not per TCP segment) and writes a batch, hashing it in the same
+worker-thread pass, while the next one arrives. A load hands out only chunks that authenticate
+(the stream format, as for a cached file); the SHA-256 check still decides, at the end, whether
+the file goes into the cache under its name, so a warm load never reads an unverified file. A
+load that meets bytes that do not authenticate marks the download (``forget``): stopped, its
+partial file is dropped rather than resumed. A download that fails for good cuts every load
+following it off with its error; one that starts afresh (416, or content that did not match)
+has its loads reopen the new file once it holds what they need.
 
 A download is resumed with a range from where its partial file ends, in one retry loop
 (``agent.retry``, by the client's policy). A pass that brings nothing, whether the CDN could
@@ -19,7 +32,7 @@ the cache's file system must have room for what is missing (``BigPartCache.check
 A download that fails for good drops its partial file.
 
 ``stats`` counts hits (an intact part on disk), misses (a download was needed) and the
-download's retries, for ``/metrics``.
+download's retries, for ``/metrics``. Measured by ``bench/bench_load_cold.py``.
 """
 
 from __future__ import annotations
@@ -89,6 +102,7 @@ class Progress:
     def restart(self) -> None:
         self.written = 0
         self.generation += 1
+        self.suspect = False
         self._wake()
 
     def _wake(self) -> None:
@@ -296,10 +310,12 @@ class BigPartDownloads:
 
     def _leave(self, path: Path, download: _Download) -> None:
         """One caller less waits for or follows ``download``; the last one stops it, unless
-        all its bytes are on disk (the check and the move into place are left: they finish)."""
+        all its bytes are on disk and none was found bad (the check and the move into place
+        are left: they finish)."""
         download.followers -= 1
-        complete = download.progress.written >= download.size
-        if not download.followers and not download.task.done() and not complete:
+        progress = download.progress
+        finishing = progress.written >= download.size and not progress.suspect
+        if not download.followers and not download.task.done() and not finishing:
             logger.info("nobody waits for big part {} any more: download stopped", path.name)
             download.task.cancel()
 
@@ -388,10 +404,14 @@ class BigPartDownloads:
             raise BodyInterrupted(f"the CDN sent no data for {partial.what} at offset {have}")
 
     async def _append(self, partial: Partial, size: int, source: _Source) -> None:
-        """Append what one CDN answer brings from where ``partial`` ends; never past ``size``."""
+        """Append what one CDN answer brings from where ``partial`` ends; never past ``size``.
+        A batch is written (and hashed, in a worker thread) while the next one arrives; each
+        written batch is announced to the loads that follow the download."""
         received = partial.size
         pending: list[bytes] = []
         pending_size = 0
+        writing: asyncio.Task[None] | None = None  # the batch before, written up to `written`
+        written = received
         stream = source.chunks(received)
         try:
             async for chunk in stream:
@@ -403,15 +423,35 @@ class BigPartDownloads:
                 if pending_size >= WRITE_BATCH:
                     # Taken out first: cancelled while its thread writes, it is not written twice.
                     batch, pending, pending_size = pending, [], 0
-                    await partial.write(batch)
-                    source.progress.announce(received)
+                    if writing is not None:  # one write at a time: the file is appended to
+                        await _written(writing)
+                        source.progress.announce(written)
+                    writing, written = asyncio.create_task(partial.write(batch)), received
                 if received >= size:
                     break
         finally:
+            if writing is not None:
+                await _written(writing)
+                source.progress.announce(written)
             if pending:  # keep what arrived before a break: the next pass resumes after it
                 await partial.write(pending)
                 source.progress.announce(received)
             await _aclose(stream)
+
+
+async def _written(writing: asyncio.Task[None]) -> None:
+    """Until ``writing`` (a ``Partial.write``) is done, however often cancelled meanwhile:
+    nothing else may be appended to the file before it ends. Then its error, if it failed,
+    or the cancellation, if there was one."""
+    cancelled = False
+    while not writing.done():
+        try:
+            await asyncio.wait((writing,))
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    writing.result()
 
 
 async def _aclose(stream: AsyncIterator[bytes]) -> None:

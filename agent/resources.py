@@ -10,7 +10,8 @@ last and is the commit.
 
 Load: the small part comes from the API on every load (it is never cached: on disk next to the
 big part it would undo the split); the big part comes from the cache if intact, else from the
-CDN (``agent.download``: resumed, shared between concurrent loads). A small part's claim is
+CDN (``agent.download``: resumed, shared between concurrent loads, and read while it downloads:
+the load starts once the big part's key fragment is on disk). A small part's claim is
 checked before anything is downloaded (``plaintext_size``: a size a resource can have, within
 ``LOADER_MAX_RESOURCE_BYTES``). Plaintext exists only in memory, a block of ``BLOCK_SIZE`` at a
 time per load (plus what the socket holds). Upload crypto runs in a worker thread; load crypto
@@ -263,7 +264,8 @@ class ResourceStore:
 class Resource:
     """A resource being loaded: ``size`` is its plaintext length; iterate for verified blocks.
 
-    The big part is already complete and intact on disk when this exists. Each ``__anext__``
+    The big part is on disk (intact), or being written by its download (``_read`` waits for
+    the bytes it needs; only what authenticates is handed out). Each ``__anext__``
     hands out the verified plaintext of a few chunks of the format (``BLOCK_SIZE``), decrypted
     right then; the ciphertext is read ``READ_SIZE`` at a time. Both run on the event loop in
     short turns (``TURN_SECONDS``) when the file is in the page cache (see ``_read``):
