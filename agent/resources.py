@@ -226,17 +226,17 @@ class ResourceStore:
             ahead=1 + keys.MAX_FRAGMENT_SIZE,
         )
         path = self._cache.path(folder, small.big_name)
+        following = isinstance(file.raw, GrowingFile)
         try:
+            if following:
+                return _Following(small, file, lambda: self._downloads.forget(path), self.stats)
             return Resource(small, file, lambda: self._downloads.forget(path), self.stats)
         except StreamError as exc:
             file.close()
-            if not isinstance(file.raw, GrowingFile):
+            if not following:
                 raise
             self._downloads.forget(path)  # what the CDN sent so far is bad
-            raise UpstreamError(
-                f"the CDN sent the big part of {folder}/{name} with content that does not "
-                f"match its record ({exc})"
-            ) from exc
+            raise _Following.blame(exc) from exc
         except BaseException:
             file.close()
             raise
@@ -400,6 +400,23 @@ class Resource:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+class _Following(Resource):
+    """A resource read while its big part downloads: bytes that do not authenticate are the
+    CDN's doing (the SHA-256 check would refuse them too, at the end), not a wrong key."""
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await super().__anext__()
+        except StreamError as exc:
+            raise self.blame(exc) from exc
+
+    @staticmethod
+    def blame(exc: StreamError) -> UpstreamError:
+        return UpstreamError(
+            f"the CDN sent a big part with content that does not match its record ({exc})"
+        )
 
 
 class _Splitter:
