@@ -140,6 +140,38 @@ async def test_a_cut_mid_body_is_resumed_and_the_load_gets_every_byte(
     assert ranges[1] is not None and int(ranges[1].removeprefix("bytes=").rstrip("-")) > 0
 
 
+async def test_a_download_started_afresh_is_followed_on_its_new_file(
+    make_store: StoreFactory, hostile: HostileUpstream
+) -> None:
+    """Cut mid-body, then a 416 to the resumption: the download drops its partial file and
+    starts over; the load, already under way on the old file, goes on on the new one."""
+    await uploaded(make_store)
+    part = big_part(hostile)
+    release = threading.Event()
+    cut_once = held_back(part, release, cut=True)
+    honest = hostile.app_handler("cdn_get")
+
+    async def cut_then_416_then_honest(request: web.Request) -> web.StreamResponse:
+        count = len(hostile.requests("cdn_get"))
+        if count == 1:
+            return await cut_once(request)
+        if count == 2:
+            return web.Response(status=416)
+        return await honest(request)
+
+    hostile.behave("cdn_get", cut_then_416_then_honest)
+    resource = await asyncio.wait_for(make_store().open("models", "model.bin"), WAIT)
+    try:
+        first = await asyncio.wait_for(anext(resource), WAIT)
+        release.set()
+        assert first + await asyncio.wait_for(read_rest(resource), WAIT) == DATA
+    finally:
+        release.set()
+        await resource.aclose()
+    ranges = [seen.headers.get("Range") for seen in hostile.requests("cdn_get")]
+    assert len(ranges) == 3 and ranges[0] is None and ranges[1] and ranges[2] is None
+
+
 async def test_concurrent_cold_loads_follow_one_download(
     make_store: StoreFactory, hostile: HostileUpstream
 ) -> None:
