@@ -13,7 +13,9 @@ download writes. The download announces each batch it has written (``Progress``,
 the loads wake once per batch, not per TCP segment) and writes a batch, hashing it in the same
 worker-thread pass, while the next one arrives. A load hands out only chunks that authenticate
 (the stream format, as for a cached file); the SHA-256 check still decides, at the end, whether
-the file goes into the cache under its name, so a warm load never reads an unverified file. A
+the file goes into the cache under its name, so a warm load never reads an unverified file, and
+a load's last read waits for that check: it ends with the part in the cache, or with the
+download's error instead of its last chunk. A
 load that meets bytes that do not authenticate marks the download (``forget``): stopped, its
 partial file is dropped rather than resumed. A download that fails for good cuts every load
 following it off with its error; one that starts afresh (416, or content that did not match)
@@ -146,14 +148,15 @@ async def _next_change(download: _Download, deadline: float) -> None:
 class GrowingFile(io.FileIO):
     """The partial file of a download, read by a load while the download writes it.
 
-    ``wait_for(end)`` returns once bytes up to ``end`` (or the whole part) are on disk; it
-    raises the download's error if the download failed for good. Should the download drop its
-    partial file and fetch the part afresh (a 416, content that did not match), the file is
-    reopened on the new one once that holds the bytes asked for: the bytes read so far came
-    from the old one, and each chunk is still authenticated at its position, so a mix that is
-    not the resource is an error, never data. Each wait has the transfer's deadline. Closing
-    it tells ``BigPartDownloads`` that this load no longer follows (the last to go stops the
-    download, as with ``fetch``).
+    ``wait_for(end)`` returns once bytes up to ``end`` are on disk, or, for a range that
+    reaches the end of the part, once the download is over (the part checked and in the
+    cache); it raises the download's error if the download failed for good. Should the
+    download drop its partial file and fetch the part afresh (a 416, content that did not
+    match), the file is reopened on the new one once that holds the bytes asked for: the bytes
+    read so far came from the old one, and each chunk is still authenticated at its position,
+    so a mix that is not the resource is an error, never data. Each wait has the transfer's
+    deadline. Closing it tells ``BigPartDownloads`` that this load no longer follows (the last
+    to go stops the download, as with ``fetch``).
     """
 
     def __init__(
@@ -168,8 +171,10 @@ class GrowingFile(io.FileIO):
 
     def _available(self, end: int) -> bool:
         download = self._download
-        if download.progress.written >= min(end, download.size):
+        if end < download.size and download.progress.written >= end:
             return True
+        # The end of the part only once the download is over: the load ends with the part in
+        # the cache (verified), or with the download's error instead of its last chunk.
         if download.task.done():
             if download.task.cancelled():
                 raise UpstreamError(f"the download of the {download.what} was stopped")
