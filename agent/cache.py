@@ -10,6 +10,10 @@ mtime, ctime) is remembered in memory: any write to the file changes its ctime, 
 hashed again. What this cannot see (a bit flip behind the file system's back) the stream format
 still catches, chunk by chunk, and ``forget`` drops the file.
 
+While a part downloads, its partial file is read by the loads that follow the download
+(``partial_path``; ``agent.download``): they hand out only what authenticates, and the file is
+moved to its final name only once its SHA-256 matches.
+
 This module is the disk only: who downloads, resumes and retries is ``agent.download``, which
 writes through a ``Partial`` and asks ``check_free_space`` first: the cache's file system must
 hold what is still missing plus ``FREE_SPACE_RESERVE``, else ``CacheError`` (507) says how much
@@ -146,6 +150,11 @@ class BigPartCache:
         self._verified.pop(path, None)
         path.unlink(missing_ok=True)
 
+    def partial_path(self, path: Path) -> Path:
+        """Where the part at ``path`` is while it downloads (unverified: only a load following
+        that download reads it, and hands out only what authenticates)."""
+        return Partial.path_of(path)
+
     def partial(self, path: Path) -> Partial:
         """The partial file of the part at ``path`` while it downloads (its folder created)."""
         self._directory(path.parent.name)
@@ -209,10 +218,14 @@ class Partial:
 
     def __init__(self, target: Path) -> None:
         self.target = target
-        self.path = target.with_name(f".{target.name}.part")
+        self.path = self.path_of(target)
         self.what = f"big part {target.parent.name}/{target.name}"
         self._hasher = hashlib.sha256()
         self._hashed = 0
+
+    @staticmethod
+    def path_of(target: Path) -> Path:
+        return target.with_name(f".{target.name}.part")
 
     @property
     def size(self) -> int:

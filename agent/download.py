@@ -1,10 +1,25 @@
 """BigPartDownloads: a big part from the CDN into the cache, once however many callers ask.
 
-``fetch`` is single-flight per part: concurrent loads of one part share one check of the cache
-and at most one download. A caller that goes away (client disconnected) does not stop the
-others' download; the last one to go does (its partial file stays, to be resumed). A download
-being stopped is not shared: a caller that comes meanwhile waits for it to end and starts
-afresh.
+``fetch`` (the path once the part is intact) and ``open`` (the part open for reading, while
+it downloads) are single-flight per part: concurrent loads of one part share one check of the
+cache and at most one download. A caller that goes away (client disconnected) does not stop the
+others' download; the last one to go does (its partial file stays, to be resumed), unless all
+the bytes are on disk already. A download being stopped is not shared: a caller that comes
+meanwhile waits for it to end and starts afresh.
+
+A cold load does not wait for the end: ``open`` hands it the partial file as a ``GrowingFile``
+once the first bytes (the big part's key fragment) are there, and the load reads on as the
+download writes. The download announces each batch it has written (``Progress``, about 1 MiB:
+the loads wake once per batch, not per TCP segment) and writes a batch, hashing it in the same
+worker-thread pass, while the next one arrives. A load hands out only chunks that authenticate
+(the stream format, as for a cached file); the SHA-256 check still decides, at the end, whether
+the file goes into the cache under its name, so a warm load never reads an unverified file, and
+a load's last read waits for that check: it ends with the part in the cache, or with the
+download's error instead of its last chunk. A
+load that meets bytes that do not authenticate marks the download (``forget``): stopped, its
+partial file is dropped rather than resumed. A download that fails for good cuts every load
+following it off with its error; one that starts afresh (416, or content that did not match)
+has its loads reopen the new file once it holds what they need.
 
 A download is resumed with a range from where its partial file ends, in one retry loop
 (``agent.retry``, by the client's policy). A pass that brings nothing, whether the CDN could
@@ -19,13 +34,15 @@ the cache's file system must have room for what is missing (``BigPartCache.check
 A download that fails for good drops its partial file.
 
 ``stats`` counts hits (an intact part on disk), misses (a download was needed) and the
-download's retries, for ``/metrics``.
+download's retries, for ``/metrics``. Measured by ``bench/bench_load_cold.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import io
+import os
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +50,7 @@ from loguru import logger
 
 from agent.api_client import ResourceApiClient
 from agent.cache import BigPartCache, Partial
-from agent.errors import BodyInterrupted, RangeNotSatisfiable, UpstreamError
+from agent.errors import BodyInterrupted, RangeNotSatisfiable, TransferTooSlow, UpstreamError
 from agent.retry import TRANSIENT_ERRORS, RetryCounts
 from agent.transport import TransferGuard
 
@@ -52,15 +69,149 @@ class DownloadStats:
 
 @dataclass(frozen=True)
 class _Source:
-    """Where one download's bytes come from: the CDN, all passes watched by one guard."""
+    """Where one download's bytes come from (the CDN, all passes watched by one guard), and
+    where its progress is announced to the loads that follow it."""
 
     api: ResourceApiClient
     folder: str
     name: str
     guard: TransferGuard
+    progress: Progress
 
     def chunks(self, offset: int) -> AsyncIterator[bytes]:
         return self.guard.watch(self.api.iter_big_part(self.folder, self.name, offset=offset))
+
+
+class Progress:
+    """How far one download's partial file is on disk, for the loads that follow it.
+
+    ``written`` bytes of generation ``generation`` are on disk (announced by the download after
+    each batch it writes, so its followers wake once per batch, not per TCP segment); a drop of
+    the partial file (416, content that did not match) starts a new generation. ``changed`` is
+    set at every announcement and at the end of the download (then replaced by a fresh one).
+    """
+
+    def __init__(self) -> None:
+        self.written = 0
+        self.generation = 0
+        self.suspect = False  # a load found bytes in the partial file that do not authenticate
+        self._changed = asyncio.Event()
+
+    def announce(self, written: int) -> None:
+        self.written = written
+        self._wake()
+
+    def restart(self) -> None:
+        self.written = 0
+        self.generation += 1
+        self.suspect = False
+        self._wake()
+
+    def _wake(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def changed(self) -> asyncio.Future[bool]:
+        """Done at the next announcement (taken now: nothing between is missed)."""
+        return asyncio.ensure_future(self._changed.wait())
+
+
+@dataclass
+class _Download:
+    """One download in flight (or one check of the cache): its task, how far it is, and how
+    many callers wait for it or follow it."""
+
+    task: asyncio.Task[Path]
+    progress: Progress
+    size: int
+    what: str
+    followers: int = 0
+
+
+async def _next_change(download: _Download, deadline: float) -> None:
+    """Until the download announces progress or ends; ``TransferTooSlow`` if neither happens
+    within ``deadline`` seconds (the download's own guard should have ended it by then)."""
+    changed = download.progress.changed()
+    try:
+        done, _ = await asyncio.wait(
+            (changed, download.task), timeout=deadline, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        changed.cancel()
+    if not done:
+        raise TransferTooSlow(
+            f"the CDN download of the {download.what} made no progress within {deadline:.0f} s "
+            f"(LOADER_UPSTREAM_DEADLINE)"
+        )
+
+
+class GrowingFile(io.FileIO):
+    """The partial file of a download, read by a load while the download writes it.
+
+    ``wait_for(end)`` returns once bytes up to ``end`` are on disk, or, for a range that
+    reaches the end of the part, once the download is over (the part checked and in the
+    cache); it raises the download's error if the download failed for good. Should the
+    download drop its partial file and fetch the part afresh (a 416, content that did not
+    match), the file is reopened on the new one once that holds the bytes asked for: the bytes
+    read so far came from the old one, and each chunk is still authenticated at its position,
+    so a mix that is not the resource is an error, never data. Each wait has the transfer's
+    deadline. Closing it tells ``BigPartDownloads`` that this load no longer follows (the last
+    to go stops the download, as with ``fetch``).
+    """
+
+    def __init__(
+        self, path: Path, download: _Download, deadline: float, release: Callable[[], None]
+    ) -> None:
+        super().__init__(os.open(path, os.O_RDONLY | os.O_CLOEXEC), "rb", closefd=True)
+        self._path = path
+        self._download = download
+        self._generation = download.progress.generation
+        self._deadline = deadline
+        self._release: Callable[[], None] | None = release
+
+    def _available(self, end: int) -> bool:
+        download = self._download
+        if end < download.size and download.progress.written >= end:
+            return True
+        # The end of the part only once the download is over: the load ends with the part in
+        # the cache (verified), or with the download's error instead of its last chunk.
+        if download.task.done():
+            if download.task.cancelled():
+                raise UpstreamError(f"the download of the {download.what} was stopped")
+            download.task.result()  # raises the download's error
+            return True  # complete: the whole part is on disk
+        return False
+
+    async def wait_for(self, end: int) -> None:
+        """Until bytes ``[0, end)`` of the part (or all of it) are on disk; see the class."""
+        while True:
+            if self._available(end) and self._on_current_file():
+                return
+            await _next_change(self._download, self._deadline)
+
+    def _on_current_file(self) -> bool:
+        """Whether this reads the download's current file, reopening it if it was replaced;
+        False if the new one is not there yet (dropped again, or just being renamed)."""
+        progress, task = self._download.progress, self._download.task
+        if progress.generation == self._generation:
+            return True
+        path = task.result() if task.done() else self._path
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            os.dup2(fd, self.fileno())
+        finally:
+            os.close(fd)
+        self._generation = progress.generation
+        return True
+
+    def close(self) -> None:
+        super().close()
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
 
 class BigPartDownloads:
@@ -69,47 +220,120 @@ class BigPartDownloads:
     def __init__(self, api: ResourceApiClient, cache: BigPartCache) -> None:
         self._api = api
         self._cache = cache
-        self._inflight: dict[Path, asyncio.Task[Path]] = {}
-        self._waiting: dict[Path, int] = {}  # callers awaiting each download in flight
+        self._inflight: dict[Path, _Download] = {}
         self.stats = DownloadStats()
 
     async def fetch(self, folder: str, name: str, size: int, sha256: bytes, *, what: str) -> Path:
         """The path of the intact part, downloading (or resuming) it if needed; one download
         per part however many callers ask at once. ``what`` names it in messages."""
         path = self._cache.path(folder, name)
-        task = self._inflight.get(path)
-        if task is not None and task.cancelling():
-            # Abandoned by its last caller and still winding down: let it finish (its last
-            # write lands) and start afresh, rather than share a download that is ending.
-            await asyncio.wait((task,))  # (waiting does not cancel it again)
-            task = self._inflight.get(path)
-        if task is None:
-            source = _Source(self._api, folder, name, self._api.guard(what))
-            task = asyncio.create_task(self._ensure(path, size, sha256, source))
-            self._inflight[path] = task
-            task.add_done_callback(lambda done: self._finished(path, done))
-        self._waiting[path] = self._waiting.get(path, 0) + 1
+        download = await self._join(path, folder, name, size, sha256, what)
         try:
             # A caller that goes away (client disconnected) does not cancel the others'
             # download; the last one to go does.
-            return await asyncio.shield(task)
+            return await asyncio.shield(download.task)
         finally:
-            self._waiting[path] -= 1
-            if not self._waiting[path]:
-                del self._waiting[path]
-                if not task.done():
-                    logger.info("nobody waits for big part {} any more: download stopped", name)
-                    task.cancel()
+            self._leave(path, download)
+
+    async def open(
+        self, folder: str, name: str, size: int, sha256: bytes, *, what: str, ahead: int
+    ) -> io.BufferedReader:
+        """The part open for reading, from the cache if it is intact there, else while it
+        downloads: then the file is a ``GrowingFile`` (its ``raw``) holding at least
+        ``ahead`` bytes (or the whole part), and the load follows the download until it closes
+        the file. One download per part however many callers ask at once."""
+        path = self._cache.path(folder, name)
+        for last_try in (False, True):
+            download = await self._join(path, folder, name, size, sha256, what)
+            try:
+                growing = await self._follow(path, download, ahead)
+            except BaseException:
+                self._leave(path, download)
+                raise
+            if growing is not None:
+                return io.BufferedReader(growing)
+            self._leave(path, download)
+            try:
+                # Held open from here: a concurrent drop of the file cannot pull it away.
+                return path.open("rb")
+            except FileNotFoundError:  # dropped between the check and now: again
+                if last_try:
+                    raise UpstreamError(f"the cached {what} keeps disappearing") from None
+        raise AssertionError("unreachable")
+
+    async def _follow(self, path: Path, download: _Download, ahead: int) -> GrowingFile | None:
+        """A ``GrowingFile`` once the download has written ``ahead`` bytes; None if the task
+        ended first with the part in the cache (its error if it failed). A part no longer
+        than ``ahead`` is not followed: it is verified whole first, as it used to be."""
+        progress, task = download.progress, download.task
+        # Past the transfer's own deadline (its guard's verdict comes first, naming the CDN).
+        deadline = self._api.limits.deadline + self._api.limits.window
+        while True:
+            if task.done():
+                await asyncio.shield(task)  # its result, or its error
+                return None
+            if download.size > ahead and progress.written >= ahead:
+                try:
+                    return GrowingFile(
+                        self._cache.partial_path(path),
+                        download,
+                        deadline,
+                        lambda: self._leave(path, download),
+                    )
+                except FileNotFoundError:
+                    pass  # dropped right now: the progress says what comes next
+            await _next_change(download, deadline)
+
+    async def _join(
+        self, path: Path, folder: str, name: str, size: int, sha256: bytes, what: str
+    ) -> _Download:
+        """The download of ``path`` in flight, or a new one; counted as one more follower."""
+        download = self._inflight.get(path)
+        if download is not None and download.task.cancelling():
+            # Abandoned by its last caller and still winding down: let it finish (its last
+            # write lands) and start afresh, rather than share a download that is ending.
+            await asyncio.wait((download.task,))  # (waiting does not cancel it again)
+            download = self._inflight.get(path)
+        if download is None:
+            progress = Progress()
+            source = _Source(self._api, folder, name, self._api.guard(what), progress)
+            task = asyncio.create_task(self._ensure(path, size, sha256, source))
+            download = _Download(task, progress, size, what)
+            self._inflight[path] = download
+            task.add_done_callback(lambda done: self._finished(path, done))
+        download.followers += 1
+        return download
+
+    def forget(self, path: Path) -> None:
+        """Bytes of the part at ``path`` did not authenticate: drop it from the cache, and
+        drop the partial file of its download in flight should that download be stopped
+        (not resumed: what it holds is bad). Carried on, it ends with the SHA-256 check."""
+        self._cache.forget(path)
+        download = self._inflight.get(path)
+        if download is not None:
+            download.progress.suspect = True
+
+    def _leave(self, path: Path, download: _Download) -> None:
+        """One caller less waits for or follows ``download``; the last one stops it, unless
+        all its bytes are on disk and none was found bad (the check and the move into place
+        are left: they finish)."""
+        download.followers -= 1
+        progress = download.progress
+        finishing = progress.written >= download.size and not progress.suspect
+        if not download.followers and not download.task.done() and not finishing:
+            logger.info("nobody waits for big part {} any more: download stopped", path.name)
+            download.task.cancel()
 
     def _finished(self, path: Path, task: asyncio.Task[Path]) -> None:
-        if self._inflight.get(path) is task:
+        download = self._inflight.get(path)
+        if download is not None and download.task is task:
             del self._inflight[path]
         if not task.cancelled():
             task.exception()  # retrieved here, so a download nobody waits for logs no warning
 
     async def close(self) -> None:
         """Cancel downloads in flight (partial files stay, to be resumed next time)."""
-        tasks = list(self._inflight.values())
+        tasks = [download.task for download in self._inflight.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -123,6 +347,8 @@ class BigPartDownloads:
         try:
             return await self._download_verified(partial, size, sha256, source)
         except asyncio.CancelledError:
+            if source.progress.suspect:  # a load found bad bytes in it: not worth resuming
+                partial.drop()
             raise  # shutdown or nobody waits: the partial file stays, to be resumed
         except BaseException:
             partial.drop()  # failed for good: nothing may pile up on the disk
@@ -132,10 +358,12 @@ class BigPartDownloads:
         self, partial: Partial, size: int, sha256: bytes, source: _Source
     ) -> Path:
         self._cache.check_free_space(partial.target, size - partial.size)
+        source.progress.announce(partial.size)  # what an earlier run left is followed too
         for fresh_start in (False, True):
             if fresh_start:
                 logger.warning("{} from the CDN did not match; refetching", partial.what)
                 partial.drop()
+                source.progress.restart()
             if await self._download(partial, size, source) and (
                 await asyncio.to_thread(partial.sha256) == sha256
             ):
@@ -158,6 +386,7 @@ class BigPartDownloads:
                 )
             except RangeNotSatisfiable:
                 partial.drop()
+                source.progress.restart()
                 return False
         return have == size
 
@@ -180,10 +409,14 @@ class BigPartDownloads:
             raise BodyInterrupted(f"the CDN sent no data for {partial.what} at offset {have}")
 
     async def _append(self, partial: Partial, size: int, source: _Source) -> None:
-        """Append what one CDN answer brings from where ``partial`` ends; never past ``size``."""
+        """Append what one CDN answer brings from where ``partial`` ends; never past ``size``.
+        A batch is written (and hashed, in a worker thread) while the next one arrives; each
+        written batch is announced to the loads that follow the download."""
         received = partial.size
         pending: list[bytes] = []
         pending_size = 0
+        writing: asyncio.Task[None] | None = None  # the batch before, written up to `written`
+        written = received
         stream = source.chunks(received)
         try:
             async for chunk in stream:
@@ -195,13 +428,35 @@ class BigPartDownloads:
                 if pending_size >= WRITE_BATCH:
                     # Taken out first: cancelled while its thread writes, it is not written twice.
                     batch, pending, pending_size = pending, [], 0
-                    await partial.write(batch)
+                    if writing is not None:  # one write at a time: the file is appended to
+                        await _written(writing)
+                        source.progress.announce(written)
+                    writing, written = asyncio.create_task(partial.write(batch)), received
                 if received >= size:
                     break
         finally:
+            if writing is not None:
+                await _written(writing)
+                source.progress.announce(written)
             if pending:  # keep what arrived before a break: the next pass resumes after it
                 await partial.write(pending)
+                source.progress.announce(received)
             await _aclose(stream)
+
+
+async def _written(writing: asyncio.Task[None]) -> None:
+    """Until ``writing`` (a ``Partial.write``) is done, however often cancelled meanwhile:
+    nothing else may be appended to the file before it ends. Then its error, if it failed,
+    or the cancellation, if there was one."""
+    cancelled = False
+    while not writing.done():
+        try:
+            await asyncio.wait((writing,))
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    writing.result()
 
 
 async def _aclose(stream: AsyncIterator[bytes]) -> None:

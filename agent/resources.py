@@ -10,7 +10,8 @@ last and is the commit.
 
 Load: the small part comes from the API on every load (it is never cached: on disk next to the
 big part it would undo the split); the big part comes from the cache if intact, else from the
-CDN (``agent.download``: resumed, shared between concurrent loads). A small part's claim is
+CDN (``agent.download``: resumed, shared between concurrent loads, and read while it downloads:
+the load starts once the big part's key fragment is on disk). A small part's claim is
 checked before anything is downloaded (``plaintext_size``: a size a resource can have, within
 ``LOADER_MAX_RESOURCE_BYTES``). Plaintext exists only in memory, in blocks that all loads
 together take from one bounded pool (``LoadBuffers``, ``LOADER_LOAD_BUFFER_MIB``). Upload
@@ -41,7 +42,7 @@ from loguru import logger
 from agent import keys, stream
 from agent.api_client import ResourceApiClient
 from agent.cache import BigPartCache, Spool, check_component
-from agent.download import BigPartDownloads
+from agent.download import BigPartDownloads, GrowingFile
 from agent.errors import LoaderError, StreamError, TruncatedError, UpstreamError
 from agent.schemas import UploadResult
 
@@ -220,25 +221,29 @@ class ResourceStore:
                 f"read ({exc})"
             ) from exc
         self._check_claimed_size(small, folder, name)
-        for last_try in (False, True):
-            path = await self._downloads.fetch(
-                folder,
-                small.big_name,
-                small.big_size,
-                small.big_sha256,
-                what=f"big part of {folder}/{name}",
-            )
-            try:
-                # Held open from here: a concurrent drop of the file cannot pull it away.
-                file = path.open("rb")
-                break
-            except FileNotFoundError:  # dropped between the fetch and now: fetch again
-                if last_try:
-                    raise UpstreamError(
-                        f"the cached big part of {folder}/{name} keeps disappearing"
-                    ) from None
+        # From the cache, or following the download as it writes the file: once the big
+        # part's key fragment is on disk, the load starts (``Resource._read`` waits for more).
+        file = await self._downloads.open(
+            folder,
+            small.big_name,
+            small.big_size,
+            small.big_sha256,
+            what=f"big part of {folder}/{name}",
+            ahead=1 + keys.MAX_FRAGMENT_SIZE,
+        )
+        path = self._cache.path(folder, small.big_name)
+        following = isinstance(file.raw, GrowingFile)
         try:
-            return Resource(small, file, lambda: self._cache.forget(path), self.stats, self.shared)
+            forget = lambda: self._downloads.forget(path)  # noqa: E731
+            if following:
+                return _Following(small, file, forget, self.stats, self.shared)
+            return Resource(small, file, forget, self.stats, self.shared)
+        except StreamError as exc:
+            file.close()
+            if not following:
+                raise
+            self._downloads.forget(path)  # what the CDN sent so far is bad
+            raise _Following.blame(exc) from exc
         except BaseException:
             file.close()
             raise
@@ -407,7 +412,8 @@ class SharedByLoads:
 class Resource:
     """A resource being loaded: ``size`` is its plaintext length; iterate for verified blocks.
 
-    The big part is already complete and intact on disk when this exists. Each ``__anext__``
+    The big part is on disk (intact), or being written by its download (``_read`` waits for
+    the bytes it needs; only what authenticates is handed out). Each ``__anext__``
     hands out the verified plaintext of up to ``BLOCK_CHUNKS`` chunks of the format, as a
     memoryview into a block of the store's ``LoadBuffers``: valid until the next ``__anext__``
     (or ``aclose``), which gives the block back; copy what must be kept. While the caller
@@ -560,6 +566,8 @@ class Resource:
     async def _read(self) -> int:
         """Fill the buffer from the file: right here if the bytes are in the page cache (a copy
         of 1 MiB, ~0.1 ms), else in a worker thread, as a read from the disk may block."""
+        if isinstance(self._file.raw, GrowingFile):  # the download is still writing it
+            await self._file.raw.wait_for(self._offset + len(self._buffer))
         fd = self._file.fileno()
         if self._reading is None and self._nowait:
             try:
@@ -606,6 +614,23 @@ class Resource:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+class _Following(Resource):
+    """A resource read while its big part downloads: bytes that do not authenticate are the
+    CDN's doing (the SHA-256 check would refuse them too, at the end), not a wrong key."""
+
+    async def __anext__(self) -> memoryview:
+        try:
+            return await super().__anext__()
+        except StreamError as exc:
+            raise self.blame(exc) from exc
+
+    @staticmethod
+    def blame(exc: StreamError) -> UpstreamError:
+        return UpstreamError(
+            f"the CDN sent a big part with content that does not match its record ({exc})"
+        )
 
 
 class _Splitter:

@@ -54,6 +54,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="at most N Resource API requests a second (not the CDN); beyond, 429 with "
         "Retry-After (default: no limit)",
     )
+    p.add_argument(
+        "--cdn-rate",
+        type=float,
+        metavar="BYTES",
+        help="send each big part (CDN GET) at most BYTES a second, a field-like link "
+        "(default: as fast as it can)",
+    )
     p.set_defaults(func=cmd_dev_api)
 
 
@@ -74,6 +81,8 @@ def cmd_dev_api(args: argparse.Namespace) -> int:
         raise ConfigError("--token-ttl must be positive")
     if args.rate_limit is not None and not args.rate_limit > 0:
         raise ConfigError("--rate-limit must be positive")
+    if args.cdn_rate is not None and not args.cdn_rate > 0:
+        raise ConfigError("--cdn-rate must be positive")
     fragment_text = None
     if args.key_fragment is not None:
         fragment_text = keys.encode_fragment(keys.read_fragment_file(args.key_fragment))
@@ -89,6 +98,7 @@ def cmd_dev_api(args: argparse.Namespace) -> int:
         max_small_bytes=args.max_small_bytes,
         max_big_bytes=args.max_big_bytes,
         rate_limit=args.rate_limit,
+        cdn_rate=args.cdn_rate,
     )
     asyncio.run(devapi.serve(config, ready=_announce))
     return 0

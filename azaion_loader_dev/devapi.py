@@ -57,6 +57,7 @@ class DevApiConfig:
     max_small_bytes: int = DEFAULT_MAX_SMALL_BYTES
     max_big_bytes: int = DEFAULT_MAX_BIG_BYTES
     rate_limit: float | None = None  # API requests a second; None: no limit
+    cdn_rate: float | None = None  # bytes a second per big-part answer; None: as fast as it can
 
 
 class Refusal(Exception):
@@ -276,6 +277,22 @@ class TokenBook:
             raise Refusal(401, "token_expired", "the token has expired; log in again")
 
 
+class Pace:
+    """Holds one answer to ``rate`` bytes a second (``--cdn-rate``): after each chunk, sleeps
+    until the time the bytes sent so far are due, so the answer's average rate is ``rate``."""
+
+    def __init__(self, rate: float) -> None:
+        self._rate = rate
+        self._start = time.monotonic()
+        self._sent = 0
+
+    async def sent(self, count: int) -> None:
+        self._sent += count
+        ahead = self._start + self._sent / self._rate - time.monotonic()
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+
+
 CONFIG = web.AppKey("config", DevApiConfig)
 FAULTS = web.AppKey("faults", FaultBook)
 STATS = web.AppKey("stats", Stats)
@@ -283,6 +300,7 @@ TOKENS = web.AppKey("tokens", TokenBook)
 LIMITER = web.AppKey("limiter", RateLimiter)
 UPLOADS_IN_PROGRESS = web.AppKey("uploads_in_progress", set[Path])
 FAULT_KEY = web.RequestKey("fault", Fault)
+PACE_KEY = web.RequestKey("pace", Pace)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,23 +357,34 @@ async def send_body(
     sent = request.app[STATS].bytes_sent
     key = f"{request.method} {request.path}"
     garbage = bool(fault and fault.garbage)
-    sent[key] += await _write(response, body.chunks(0, half), garbage=garbage)
+    pace = request.get(PACE_KEY)
+    sent[key] += await _write(response, body.chunks(0, half), garbage=garbage, pace=pace)
     if fault and fault.drop_mid_body:
         _drop_connection(request)
         return response
     if fault and fault.stall:
         await asyncio.sleep(fault.stall)
     if not (fault and fault.truncate):
-        sent[key] += await _write(response, body.chunks(half, body.length), garbage=garbage)
+        sent[key] += await _write(
+            response, body.chunks(half, body.length), garbage=garbage, pace=pace
+        )
     await response.write_eof()
     return response
 
 
-async def _write(response: web.StreamResponse, chunks: Iterator[bytes], *, garbage: bool) -> int:
+async def _write(
+    response: web.StreamResponse,
+    chunks: Iterator[bytes],
+    *,
+    garbage: bool,
+    pace: Pace | None = None,
+) -> int:
     sent = 0
     for chunk in chunks:
         await response.write(os.urandom(len(chunk)) if garbage else chunk)
         sent += len(chunk)
+        if pace is not None:
+            await pace.sent(len(chunk))
     return sent
 
 
@@ -516,6 +545,9 @@ async def get_key_fragment(request: web.Request) -> web.StreamResponse:
 
 
 async def get_big_part(request: web.Request) -> web.StreamResponse:
+    rate = request.app[CONFIG].cdn_rate
+    if rate is not None:
+        request[PACE_KEY] = Pace(rate)
     return await serve_file(request, part_path(request, "cdn"), ranged=True)
 
 
