@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -41,11 +42,12 @@ from agent.errors import (
     NotFoundError,
     RollbackRefused,
     SignatureError,
+    StorageError,
     UnlockCancelled,
     UnlockError,
 )
 from agent.signing import Kind, SignatureBlock, Statement, TrustStore, split_archive
-from agent.stream import HEADER_SIZE, decrypt_iter
+from agent.stream import HEADER_SIZE, decrypt_iter, parse_header, plaintext_size
 from agent.unlock.record import (
     ArchiveIdentity,
     UnlockRecord,
@@ -185,6 +187,34 @@ def engine_body(
     return held_back(then_verified(splitter.tar_chunks(), trust, reader, splitter, what))
 
 
+ROOM_MARGIN = 1.10  # the images take about their tar's size on disk, and a little more
+MB = 1000 * 1000
+
+
+def check_room(data_root: str, need: int, what: str) -> None:
+    """Refuse early, with a clear message, when the engine's data root has less free space
+    than ``need`` bytes (the archive's payload) with a margin: better than filling the disk
+    half-way through a load. A data root this process cannot see (an engine elsewhere, no
+    permission) is not checked."""
+    try:
+        stats = os.statvfs(data_root)
+    except OSError as exc:
+        logger.debug("cannot check free space of {}: {}", data_root, exc.strerror)
+        return
+    free = stats.f_bavail * stats.f_frsize
+    if free < need * ROOM_MARGIN:
+        raise StorageError(
+            f"the Docker engine's data root {data_root} has {free / MB:.0f} MB free; the images "
+            f"of {what} need about {need * ROOM_MARGIN / MB:.0f} MB: free some space first"
+        )
+    logger.info(
+        "unlock: {:.0f} MB free in {} for about {:.0f} MB of images",
+        free / MB,
+        data_root,
+        need / MB,
+    )
+
+
 def load_trust(publishers_dir: Path, state_dir: Path, allow_downgrade: bool) -> Trust:
     """The trust an unlock starts with: the publisher keys installed now (read afresh each
     time, so a key added or removed counts from the next unlock), the installed release."""
@@ -242,6 +272,10 @@ class ArchiveReader:
             self.size += len(block)
             self._progress(self.size)
             yield block
+
+    @property
+    def header(self) -> bytes:
+        return self._header
 
     def digest(self) -> bytes:
         return b"" if self._digest is None else self._digest.digest()
@@ -367,6 +401,10 @@ def load_archive(
         manifest = splitter.read_manifest()  # wrong key or foreign file: fails before Docker
         check_manifest(block, manifest, what)
         with engine_factory() as engine:
+            data_root = engine.data_root()
+            if data_root is not None:
+                need = plaintext_size(stream_size, chunk_size=manifest_chunk(reader))
+                check_room(data_root, need, what)
             loaded = engine.load(
                 until_cancelled(engine_body(splitter, trust, reader, what), cancel)
             )
@@ -400,3 +438,8 @@ def verify_images(engine: Engine, images: Iterable[ImageEntry], api_version: str
 def all_present(engine: Engine, images: Iterable[ImageEntry]) -> bool:
     ids = [image.id for image in images]
     return engine.present(ids) == set(ids)
+
+
+def manifest_chunk(reader: ArchiveReader) -> int:
+    """The archive's chunk size, from the header the reader has kept."""
+    return parse_header(reader.header).chunk_size
