@@ -186,6 +186,12 @@ class Engine:
     def ping(self) -> None:
         self._call("GET", "/_ping", "reach the Docker engine")
 
+    def data_root(self) -> str | None:
+        """Where the engine keeps its images (``DockerRootDir`` of ``/info``), if it says."""
+        info = self._json("GET", "/info", "ask the Docker engine about itself")
+        root = info.get("DockerRootDir") if isinstance(info, dict) else None
+        return root if isinstance(root, str) and root.startswith("/") else None
+
     def image_ids(self) -> set[str]:
         """The IDs (``sha256:...``) of every image the engine holds."""
         listed = self._json("GET", "/images/json", "list images", all="1")

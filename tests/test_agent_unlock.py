@@ -8,6 +8,7 @@ the state directory alone.
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from agent.unlock import read_record
 from tests.fixtures.agent import REPO, AgentProcess
 from tests.fixtures.archive import publish, serve_fragment, unlock_settings
 from tests.fixtures.devapi import DevApi
@@ -181,3 +183,50 @@ def test_an_archive_put_in_place_while_serving_is_an_update_and_sighup_checks_ag
         time.sleep(0.05)
     status = agent.request("GET", "/unlock/status").json()
     assert status["state"] == "ready" and status["update"]["state"] == "ready", status
+
+
+def test_a_power_cut_at_any_point_of_an_update_boots_ready_on_one_release(
+    make_agent: MakeAgent,
+    dockerd: Dockerd,
+    dev_api: DevApi,
+    packed_archive: tuple[Path, str, str],
+    agent_root: Path,
+) -> None:
+    """SIGKILL at random points of successive updates (the rename that starts one until well
+    after it ends); each restart must be ready, on the release before or the one after, never
+    on neither, and then finish the update by itself."""
+    archive, _ref, first_id = packed_archive
+    settings = unlock_settings(dockerd, dev_api, archive)
+    state_dir = agent_root / "state"
+    settings["LOADER_STATE_DIR"] = str(state_dir)
+    agent = make_agent(**settings)
+    assert agent.cli("unlock", "--wait").returncode == 0
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    rng.seed(seed)
+    installed = first_id
+    for step in range(5):
+        ref = f"azaion/cut-{secrets.token_hex(4)}:{step}"
+        new_id = import_image(dockerd.client, ref)
+        staging = agent_root / f"cut-{step}"
+        staging.mkdir()
+        publish(dockerd, dev_api, ref, new_id, staging)
+        cut_after = rng.uniform(0.0, 0.4)
+        (staging / "images.enc").rename(archive)  # the watch starts the update
+        time.sleep(cut_after)  # the power cut's moment, not a wait for anything
+        agent.stop(signal.SIGKILL)
+
+        agent = make_agent(**settings)  # the next boot
+        booted = agent.cli("unlock", "--wait")
+        assert booted.returncode == 0, f"seed {seed} step {step}: {booted.stderr}{agent.log()}"
+        record = read_record(state_dir)
+        assert record is not None, f"seed {seed} step {step}"
+        on = [image.id for image in record.images]
+        assert on in ([installed], [new_id]), f"seed {seed} step {step}: on {on}"
+        assert set(on) <= set(dockerd.client.api.images(all=True, quiet=True))
+        status = wait_for_release(agent, new_id) if on == [installed] else None
+        if status is not None:  # booted on the release before: the update runs again
+            assert status["update"]["state"] == "ready", f"seed {seed} step {step}: {status}"
+        record = read_record(state_dir)
+        assert record is not None and [image.id for image in record.images] == [new_id]
+        installed = new_id

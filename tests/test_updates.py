@@ -11,6 +11,7 @@ tampered release 3 fails as an update and leaves the device ready on release 2.
 from __future__ import annotations
 
 import secrets
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,12 @@ import pytest
 from docker.models.containers import Container
 
 from agent import signing
+from agent.engine import Engine
+from agent.errors import StorageError
 from agent.images import ImageEngine
 from agent.pack import pack_images
 from agent.unlock import read_record
+from agent.unlock.pipeline import check_room
 from tests.fixtures.devapi import DevApi
 from tests.fixtures.dockerd import Dockerd, import_image
 from tests.test_unlock import Rig, rig_over, unlock
@@ -133,3 +137,32 @@ async def test_release_1_to_2_while_an_app_runs_then_a_tampered_3(
     assert set(two.images.values()) <= held and three.images["app:3"] not in held
     record = read_record(rig.state_dir)
     assert record is not None and record.release == 2
+
+
+def test_the_engine_reports_its_data_root(dockerd: Dockerd) -> None:
+    data_root = Engine(dockerd.host).data_root()
+    assert data_root is not None and Path(data_root).is_dir()
+    assert Path(data_root).resolve() == (dockerd.daemon.root / "data").resolve()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 16 MiB file system (tmpfs) to stand for a nearly full data root."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)], check=True
+    )
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_load_that_would_fill_the_disk_is_refused_early(small_disk: Path) -> None:
+    check_room(str(small_disk), 4 * 1000 * 1000, "the images archive x")  # fits
+    with pytest.raises(StorageError) as refused:
+        check_room(str(small_disk), 20 * 1000 * 1000, "the images archive x")
+    message = str(refused.value)
+    assert f"data root {small_disk} has 17 MB free" in message
+    assert "need about 22 MB" in message and "free some space first" in message

@@ -24,8 +24,11 @@ tail released, so Docker never completes the load of an archive whose signature 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
+import os
+import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -41,11 +44,12 @@ from agent.errors import (
     NotFoundError,
     RollbackRefused,
     SignatureError,
+    StorageError,
     UnlockCancelled,
     UnlockError,
 )
 from agent.signing import Kind, SignatureBlock, Statement, TrustStore, split_archive
-from agent.stream import HEADER_SIZE, decrypt_iter
+from agent.stream import HEADER_SIZE, decrypt_iter, parse_header, plaintext_size
 from agent.unlock.record import (
     ArchiveIdentity,
     UnlockRecord,
@@ -185,6 +189,34 @@ def engine_body(
     return held_back(then_verified(splitter.tar_chunks(), trust, reader, splitter, what))
 
 
+ROOM_MARGIN = 1.10  # the images take about their tar's size on disk, and a little more
+MB = 1000 * 1000
+
+
+def check_room(data_root: str, need: int, what: str) -> None:
+    """Refuse early, with a clear message, when the engine's data root has less free space
+    than ``need`` bytes (the archive's payload) with a margin: better than filling the disk
+    half-way through a load. A data root this process cannot see (an engine elsewhere, no
+    permission) is not checked."""
+    try:
+        stats = os.statvfs(data_root)
+    except OSError as exc:
+        logger.debug("cannot check free space of {}: {}", data_root, exc.strerror)
+        return
+    free = stats.f_bavail * stats.f_frsize
+    if free < need * ROOM_MARGIN:
+        raise StorageError(
+            f"the Docker engine's data root {data_root} has {free / MB:.0f} MB free; the images "
+            f"of {what} need about {need * ROOM_MARGIN / MB:.0f} MB: free some space first"
+        )
+    logger.info(
+        "unlock: {:.0f} MB free in {} for about {:.0f} MB of images",
+        free / MB,
+        data_root,
+        need / MB,
+    )
+
+
 def load_trust(publishers_dir: Path, state_dir: Path, allow_downgrade: bool) -> Trust:
     """The trust an unlock starts with: the publisher keys installed now (read afresh each
     time, so a key added or removed counts from the next unlock), the installed release."""
@@ -206,6 +238,42 @@ class LoadOutcome:
     verified_by: str | None = None  # the trusted key whose signature verified
 
 
+class BackgroundDigest:
+    """SHA-256 of the pieces handed to ``update``, computed in a thread of its own: hashlib lets
+    go of the GIL on large buffers, so the hash runs on another core beside the decryption
+    instead of adding to it (measured: bench/bench_release.py). At most ``DEPTH`` pieces wait;
+    the pieces are bytes, never changed after they are handed over."""
+
+    DEPTH = 8
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._pieces: queue.Queue[bytes | None] = queue.Queue(self.DEPTH)
+        self._thread = threading.Thread(target=self._run, name="archive-digest", daemon=True)
+        self._thread.start()
+        self._result: bytes | None = None
+
+    def _run(self) -> None:
+        while (piece := self._pieces.get()) is not None:
+            self._hash.update(piece)
+
+    def update(self, piece: bytes) -> None:
+        self._pieces.put(piece)
+
+    def digest(self) -> bytes:
+        if self._result is None:
+            self._pieces.put(None)
+            self._thread.join()
+            self._result = self._hash.digest()
+        return self._result
+
+    def close(self) -> None:
+        """Stop the thread if the digest was never asked for (a failed or stopped load)."""
+        if self._result is None and self._thread.is_alive():
+            self._pieces.put(None)
+            self._thread.join()
+
+
 class ArchiveReader:
     """Reads the archive's stream once (up to its signature block, if it has one): keeps its
     header (its identity), hashes it when it is signed, counts progress, and stops when
@@ -225,7 +293,7 @@ class ArchiveReader:
         self._progress = progress
         self._stream_size = stream_size
         self.signature = signature
-        self._digest = hashlib.sha256() if signature is not None else None
+        self._digest = BackgroundDigest() if signature is not None else None
         self._header = b""
         self.size = 0  # stream bytes read
 
@@ -243,8 +311,16 @@ class ArchiveReader:
             self._progress(self.size)
             yield block
 
+    @property
+    def header(self) -> bytes:
+        return self._header
+
     def digest(self) -> bytes:
         return b"" if self._digest is None else self._digest.digest()
+
+    def close(self) -> None:
+        if self._digest is not None:
+            self._digest.close()
 
     def identity(self) -> ArchiveIdentity:
         block = b"" if self.signature is None else self.signature.pack()
@@ -359,14 +435,20 @@ def load_archive(
     steady_heap()
     trust = trust or Trust(TrustStore())
     what = f"the images archive {path}"
-    with path.open("rb") as file:
+    with contextlib.ExitStack() as stack:
+        file = stack.enter_context(path.open("rb"))
         stream_size, block = split_archive(file)
         check_before_reading(trust, block, what)
         reader = ArchiveReader(file, cancel, progress, stream_size=stream_size, signature=block)
+        stack.callback(reader.close)
         splitter = PayloadSplitter(counted(decrypt_iter(reader.chunks(), fragments), decrypted))
         manifest = splitter.read_manifest()  # wrong key or foreign file: fails before Docker
         check_manifest(block, manifest, what)
         with engine_factory() as engine:
+            data_root = engine.data_root()
+            if data_root is not None:
+                need = plaintext_size(stream_size, chunk_size=manifest_chunk(reader))
+                check_room(data_root, need, what)
             loaded = engine.load(
                 until_cancelled(engine_body(splitter, trust, reader, what), cancel)
             )
@@ -400,3 +482,8 @@ def verify_images(engine: Engine, images: Iterable[ImageEntry], api_version: str
 def all_present(engine: Engine, images: Iterable[ImageEntry]) -> bool:
     ids = [image.id for image in images]
     return engine.present(ids) == set(ids)
+
+
+def manifest_chunk(reader: ArchiveReader) -> int:
+    """The archive's chunk size, from the header the reader has kept."""
+    return parse_header(reader.header).chunk_size
