@@ -244,6 +244,9 @@ class Transport:
     async def close(self) -> None:
         if self._owns_session and self._session is not None:
             await self._session.close()
+            # The connections' sockets close on the loop's next turn (aiohttp, "Graceful
+            # Shutdown"): give it that turn, so none outlives a loop that ends right after.
+            await asyncio.sleep(0)
         self._session = None
 
     def _http(self) -> aiohttp.ClientSession:

@@ -177,11 +177,14 @@ def test_an_archive_put_in_place_while_serving_is_an_update_and_sighup_checks_ag
     def held() -> set[str]:  # one listing: images may go while it runs
         return set(dockerd.client.api.images(all=True, quiet=True))
 
-    while third_id not in held() or second_id in held():
+    while True:  # done once release 3 is in and release 2 gone, and then the update says ready
+        swapped = third_id in held() and second_id not in held()
+        status = agent.request("GET", "/unlock/status").json()  # read after: not a stale one
+        if swapped and status["update"]["state"] == "ready":
+            break
         if time.monotonic() > deadline:
-            pytest.fail(f"the renamed archive was not loaded: {agent.log()[-3000:]}")
+            pytest.fail(f"the renamed archive was not loaded: {status}\n{agent.log()[-3000:]}")
         time.sleep(0.05)
-    status = agent.request("GET", "/unlock/status").json()
     assert status["state"] == "ready" and status["update"]["state"] == "ready", status
 
 
