@@ -289,9 +289,11 @@ class BigPartDownloads:
     ) -> _Download:
         """The download of ``path`` in flight, or a new one; counted as one more follower."""
         download = self._inflight.get(path)
-        if download is not None and download.task.cancelling():
-            # Abandoned by its last caller and still winding down: let it finish (its last
-            # write lands) and start afresh, rather than share a download that is ending.
+        if download is not None and (download.task.cancelling() or download.progress.suspect):
+            # Abandoned by its last caller and still winding down, or holding bytes a load
+            # found bad: let it end (its own deadline bounds it; its last write lands, or its
+            # check finds the bad bytes) and start afresh, rather than follow bytes that are
+            # ending or known bad. A part it did verify after all is then a cache hit.
             await asyncio.wait((download.task,))  # (waiting does not cancel it again)
             download = self._inflight.get(path)
         if download is None:
