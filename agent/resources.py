@@ -43,7 +43,7 @@ from agent import keys, stream
 from agent.api_client import ResourceApiClient
 from agent.cache import BigPartCache, Spool, check_component
 from agent.download import BigPartDownloads, GrowingFile
-from agent.errors import LoaderError, StreamError, TruncatedError, UpstreamError
+from agent.errors import LoaderError, StreamError, TamperedError, TruncatedError, UpstreamError
 from agent.schemas import UploadResult
 
 READ_SIZE = 1024 * 1024  # ciphertext per block (at the default chunk size, 16 chunks)
@@ -447,7 +447,11 @@ class Resource:
             self.size = plaintext_size(small, len(big_fragment))
             chunk_size = stream.parse_header(small.head).chunk_size
         except StreamError as exc:
-            raise UpstreamError(f"the small part holds no valid stream header ({exc})") from exc
+            # The small part's header and sizes were checked at open: what does not fit now is
+            # the big part's key fragment (a CDN's garbage, or a cached file altered).
+            raise TamperedError(
+                f"the big part's key fragment does not fit its small part's record ({exc})"
+            ) from exc
         self._decryptor = stream.Decryptor([small.fragment, big_fragment])
         self._decryptor.update(small.head[: stream.HEADER_SIZE])  # the keys; no chunk yet
         self._chunk_size = chunk_size
