@@ -55,6 +55,7 @@ from agent.retry import TRANSIENT_ERRORS, RetryCounts
 from agent.transport import TransferGuard
 
 WRITE_BATCH = 1024 * 1024
+FLUSH_AFTER = 0.05  # seconds the bytes received may wait for a full batch before a write
 
 
 @dataclass
@@ -412,38 +413,104 @@ class BigPartDownloads:
 
     async def _append(self, partial: Partial, size: int, source: _Source) -> None:
         """Append what one CDN answer brings from where ``partial`` ends; never past ``size``.
-        A batch is written (and hashed, in a worker thread) while the next one arrives; each
-        written batch is announced to the loads that follow the download."""
+        Written (and hashed, in a worker thread) while the next chunks arrive (``_Appender``);
+        each write is announced to the loads that follow the download."""
         received = partial.size
-        pending: list[bytes] = []
-        pending_size = 0
-        writing: asyncio.Task[None] | None = None  # the batch before, written up to `written`
-        written = received
+        appender = _Appender(partial, source.progress)
         stream = source.chunks(received)
         try:
             async for chunk in stream:
                 if len(chunk) > size - received:
                     chunk = chunk[: size - received]
-                pending.append(chunk)
-                pending_size += len(chunk)
                 received += len(chunk)
-                if pending_size >= WRITE_BATCH:
-                    # Taken out first: cancelled while its thread writes, it is not written twice.
-                    batch, pending, pending_size = pending, [], 0
-                    if writing is not None:  # one write at a time: the file is appended to
-                        await _written(writing)
-                        source.progress.announce(written)
-                    writing, written = asyncio.create_task(partial.write(batch)), received
+                await appender.add(chunk, received)
                 if received >= size:
                     break
         finally:
-            if writing is not None:
-                await _written(writing)
-                source.progress.announce(written)
-            if pending:  # keep what arrived before a break: the next pass resumes after it
-                await partial.write(pending)
-                source.progress.announce(received)
+            # Keep what arrived before a break: the next pass resumes after it.
+            await appender.close()
             await _aclose(stream)
+
+
+class _Appender:
+    """A download's chunks appended to its partial file, one write at a time in a worker
+    thread, while the next ones arrive; each write announced as soon as it is on disk.
+
+    Chunks are gathered into writes of ``WRITE_BATCH`` bytes (the loads that follow wake once
+    per write, not per TCP segment), but none waits longer than ``FLUSH_AFTER``: a CDN that
+    pauses never leaves bytes it sent unseen by the loads that follow (they would wait for the
+    pause to end, or time out). ``add`` waits while a full batch waits for the write before
+    it, so memory stays bounded (two batches)."""
+
+    def __init__(self, partial: Partial, progress: Progress) -> None:
+        self._partial = partial
+        self._progress = progress
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._received = 0  # the part's length once everything pending is written
+        self._since = 0.0  # when the oldest pending chunk arrived
+        self._closing = False
+        self._writer: asyncio.Task[None] | None = None  # running, or failed (unobserved)
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def add(self, chunk: bytes, received: int) -> None:
+        """Queue ``chunk``, after which the part is ``received`` bytes long."""
+        if not self._pending:
+            self._since = asyncio.get_running_loop().time()
+        self._pending.append(chunk)
+        self._pending_size += len(chunk)
+        self._received = received
+        if self._writer is not None and (self._writer.done() or self._pending_size >= WRITE_BATCH):
+            await self._wait()  # its error, if it failed; or room, if a full batch waits
+        self._kick()
+
+    def _due(self) -> bool:
+        if self._closing or self._pending_size >= WRITE_BATCH:
+            return True
+        return asyncio.get_running_loop().time() - self._since >= FLUSH_AFTER
+
+    def _kick(self) -> None:
+        """Start a write if one is due and none runs; else make sure one will be."""
+        if self._writer is not None or not self._pending:
+            return  # a running writer looks again when its write ends
+        if self._due():
+            self._writer = asyncio.create_task(self._write())
+        elif self._timer is None:
+            delay = FLUSH_AFTER - (asyncio.get_running_loop().time() - self._since)
+            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._kick()
+
+    async def _write(self) -> None:
+        while self._pending and self._due():
+            # Taken out first: cancelled while its thread writes, it is not written twice.
+            batch, end = self._pending, self._received
+            self._pending, self._pending_size = [], 0
+            self._since = asyncio.get_running_loop().time()
+            await self._partial.write(batch)
+            self._progress.announce(end)
+        self._writer = None  # done well: nothing to observe
+        self._kick()  # what is pending and not due yet gets its timer
+
+    async def _wait(self) -> None:
+        writer = self._writer
+        if writer is not None:
+            await _written(writer)
+            if self._writer is writer:  # (a writer that ended well has cleared it already)
+                self._writer = None
+
+    async def close(self) -> None:
+        """Until everything queued is on disk and announced (or a write's error)."""
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        await self._wait()
+        if self._pending:
+            self._writer = asyncio.create_task(self._write())
+            await self._wait()
 
 
 async def _written(writing: asyncio.Task[None]) -> None:

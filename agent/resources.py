@@ -467,7 +467,8 @@ class Resource:
         self._nowait = True  # page-cache reads on the loop, unless the file system refuses them
         self._reading: asyncio.Future[int] | None = None  # a read in a worker thread
         self._next: asyncio.Task[tuple[bytearray, memoryview]] | None = None  # block ahead
-        self._next_acquired = False  # that task holds its block: it runs to its end
+        self._next_acquired = False  # that task holds its block: it runs to its end...
+        self._between_reads = False  # ...unless it only waits for a download (no thread runs)
         self._current: bytearray | None = None  # the block the caller holds
         self._exhausted = False  # the final chunk has been read and authenticated
         self._closed = False
@@ -571,7 +572,11 @@ class Resource:
         """Fill the buffer from the file: right here if the bytes are in the page cache (a copy
         of 1 MiB, ~0.1 ms), else in a worker thread, as a read from the disk may block."""
         if isinstance(self._file.raw, GrowingFile):  # the download is still writing it
-            await self._file.raw.wait_for(self._offset + len(self._buffer))
+            self._between_reads = True  # aclose may stop the step here: no thread uses its block
+            try:
+                await self._file.raw.wait_for(self._offset + len(self._buffer))
+            finally:
+                self._between_reads = False
         fd = self._file.fileno()
         if self._reading is None and self._nowait:
             try:
@@ -596,8 +601,8 @@ class Resource:
             return
         self._closed = True
         self._give_back()
-        if self._next is not None:  # the step ahead: stop it queueing, or let it finish
-            if not self._next_acquired:
+        if self._next is not None:  # the step ahead: stop it queueing or waiting for the
+            if not self._next_acquired or self._between_reads:  # download, or let it finish
                 self._next.cancel()
             [outcome] = await asyncio.gather(self._next, return_exceptions=True)
             if isinstance(outcome, tuple):

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeGuard, TypeVar
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 from urllib.parse import unquote
 
 from aiohttp import BodyPartReader, hdrs, web
@@ -54,6 +54,9 @@ from agent.schemas import (
     UploadResponse,
 )
 from agent.signing import TrustStore
+
+if TYPE_CHECKING:
+    from agent.resources import Resource
 
 # Host and Origin: this machine's names only (agent.routes.LOOPBACK_AUTHORITY).
 LOOPBACK_HOST = re.compile(LOOPBACK_AUTHORITY)
@@ -449,8 +452,12 @@ async def _load(request: web.Request, outcome: _Outcome) -> web.StreamResponse:
         return error_response(503, CLIENT_GONE, "the caller left before the answer was ready")
     try:
         # Pull the first verified chunk before the headers go out, so that a wrong key or a
-        # tampered first chunk is still a JSON error rather than a cut-off body.
-        first = await anext(aiter(resource), b"")
+        # tampered first chunk is still a JSON error rather than a cut-off body. (From a slow
+        # CDN, that may take long: a caller that leaves meanwhile is not waited for.)
+        first = await _unless_caller_leaves(request, _first_block(resource))
+        if first is None:
+            outcome.value = CLIENT_GONE
+            return error_response(503, CLIENT_GONE, "the caller left before the answer was ready")
         response = web.StreamResponse(
             headers={"Content-Type": "application/octet-stream"},
         )
@@ -529,6 +536,10 @@ async def _send_block(
         for start in range(0, len(block), write_size):
             await turn()
             await response.write(block[start : start + write_size])
+
+
+async def _first_block(resource: Resource) -> memoryview | bytes:
+    return await anext(aiter(resource), b"")
 
 
 async def _unless_caller_leaves(request: web.Request, opening: Awaitable[T]) -> T | None:

@@ -497,12 +497,15 @@ def test_the_overall_deadline_ends_a_slow_steady_download(
     assert upload(agent, "slow.bin").status == 200
     clear_cache(agent)
 
+    big = next(iter(hostile.big.values()))
+
     async def steady(request: web.Request) -> web.StreamResponse:
+        """The genuine bytes, 2 KB/s: what arrives authenticates, only the time is wrong."""
         response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-        response.content_length = len(next(iter(hostile.big.values())))
+        response.content_length = len(big)
         await response.prepare(request)
-        for _ in range(1000):
-            await response.write(b"y" * 200)
+        for offset in range(0, 200_000, 200):
+            await response.write(big[offset : offset + 200])
             await asyncio.sleep(0.1)
         return response
 
@@ -519,14 +522,16 @@ def test_a_download_nobody_waits_for_stops(agent: AgentProcess, hostile: Hostile
     clear_cache(agent)
     stopped = threading.Event()
     sent: list[int] = []
+    [big] = hostile.big.values()
 
     async def slow(request: web.Request) -> web.StreamResponse:
+        """The genuine bytes (what arrives authenticates), 20 KB/s."""
         response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-        response.content_length = 10_000_000
+        response.content_length = len(big)
         await response.prepare(request)
         try:
-            for _ in range(10_000):
-                await response.write(b"z" * 2048)
+            for offset in range(0, len(big), 2048):
+                await response.write(big[offset : offset + 2048])
                 sent.append(2048)
                 await asyncio.sleep(0.1)
         except (ConnectionError, asyncio.CancelledError):
