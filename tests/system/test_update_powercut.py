@@ -26,6 +26,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,11 +195,15 @@ def test_a_power_cut_at_random_points_of_an_update_boots_ready_on_one_release(
         print(f"cut {step + 1}: published in {time.monotonic() - began:.1f} s")
         before = show(machine, AGENT, "MainPID", "NRestarts")
 
-        put_in_place(machine, new)
-        machine.run(["systemctl", "reload", AGENT])
-        at_cut = {} if point == RELOAD else wait_until(port, point, percent, new, where)
-        dev_api.faults(status=503, count=None)  # the network goes down with the power
-        machine.run(["systemctl", "kill", "--signal=KILL", AGENT])
+        put_in_place(machine, new)  # the watch starts the update; the reload asks again
+        with ThreadPoolExecutor(1) as pool:
+            reload = pool.submit(machine.run, ["systemctl", "reload", AGENT], check=False)
+            if point == RELOAD:
+                at_cut = {"reload": reload.result().returncode}
+            else:  # watched from the rename on: the reload may still be on its way
+                at_cut = wait_until(port, point, percent, new, where)
+            dev_api.faults(status=503, count=None)  # the network goes down with the power
+            machine.run(["systemctl", "kill", "--signal=KILL", AGENT])
         print(f"cut {step + 1}: {point} {percent}%, killed after {seen(at_cut)}")
 
         came_back = came_back_ready(machine, port, before, where)
@@ -221,8 +226,8 @@ def test_a_power_cut_at_random_points_of_an_update_boots_ready_on_one_release(
 
 def seen(status: dict[str, Any]) -> str:
     """What a status showed of the installed release and the update, in a few words."""
-    if not status:
-        return "nothing (not looked at)"
+    if "reload" in status:
+        return f"the reload (exit status {status['reload']})"
     update = status.get("update") or {}
     progress = update.get("progress") or {}
     return (
@@ -234,13 +239,19 @@ def seen(status: dict[str, Any]) -> str:
 def wait_until(port: int, point: str, percent: float, new: Release, where: str) -> dict[str, Any]:
     """The first status that shows the update to ``new`` at or past the point."""
     at_or_past = reached(point, percent, new.number)
+    trail: list[str] = []
 
     def check() -> dict[str, Any] | None:
         status = unlock_status(port)
+        if not trail or trail[-1] != seen(status):
+            trail.append(seen(status))
         assert (status.get("update") or {}).get("state") != "error", f"{where}: {status}"
         return status if at_or_past(status) else None
 
-    return wait_for(check, UNLOCK_TIMEOUT, f"{where}: the update to reach the point")
+    try:
+        return wait_for(check, UNLOCK_TIMEOUT, f"{where}: the update to reach the point")
+    finally:
+        print("  seen: " + "; ".join(trail[-20:]))
 
 
 def came_back_ready(
