@@ -157,13 +157,19 @@ def plan(rng: random.Random) -> list[tuple[str, float]]:
     ]
 
 
+def image_ids(dockerd: Dockerd) -> set[str]:
+    """The engine's image IDs in one request (``Dockerd.image_ids`` inspects each image it
+    lists, and the agent may remove one in between)."""
+    return set(dockerd.client.api.images(all=True, quiet=True))
+
+
 def assert_installed(machine: Machine, dockerd: Dockerd, release: Release, where: str) -> None:
     """The record names ``release`` and the engine holds its images, each tagged API_VERSION."""
     record = read_record(machine.root / STATE_DIR.lstrip("/"))
     assert record is not None, where
     assert record.release == release.number, f"{where}: the record is of release {record.release}"
     assert {image.id for image in record.images} == set(release.images.values()), where
-    held = dockerd.image_ids()
+    held = image_ids(dockerd)
     for ref, image_id in release.images.items():
         assert image_id in held, f"{where}: {ref} of release {release.number} is not in the engine"
         tagged = f"{ref.rsplit(':', 1)[0]}:{API_VERSION}"
@@ -292,6 +298,6 @@ def wait_updated(
         record = read_record(machine.root / STATE_DIR.lstrip("/"))
         if record is None or record.pending_removal:
             return None
-        return status if not dropped & dockerd.image_ids() else None
+        return status if not dropped & image_ids(dockerd) else None
 
     return wait_for(updated, UNLOCK_TIMEOUT, f"{where}: the update to release {new.number}")
