@@ -74,9 +74,9 @@ def _operation(endpoint: Endpoint, schemas: dict[str, Any]) -> dict[str, Any]:
             "in": "query",
             "required": True,
             "description": description,
-            "schema": {"type": "string", "pattern": pattern},
+            "schema": schema,
         }
-        for name, description, pattern in endpoint.query
+        for name, description, schema in endpoint.query
     ]
     op["parameters"] += GUARD_PARAMETERS
     if endpoint.request is not None:
