@@ -101,8 +101,20 @@ class AgentClient:
         return done
 
     def upload(
-        self, path: Path, folder: str, name: str, progress: Progress | None = None
+        self,
+        path: Path,
+        folder: str,
+        name: str,
+        progress: Progress | None = None,
+        *,
+        statement_for: tuple[str, int] | None = None,
     ) -> dict[str, Any]:
+        """Upload the file; with ``statement_for`` (key id, release), only its first step of a
+        signed upload: the agent answers the statement to sign (``/upload/NAME/statement``)."""
+        target = f"/upload/{name}"
+        if statement_for is not None:
+            key_id, release = statement_for
+            target += f"/statement?key_id={key_id}&release={release}"
         boundary = uuid.uuid4().hex
         head = (
             f"--{boundary}\r\n"
@@ -130,7 +142,7 @@ class AgentClient:
             "Content-Type": f"multipart/form-data; boundary={boundary}",
             "Content-Length": str(len(head) + size + len(tail)),
         }
-        return _json_body(self._request("POST", f"/upload/{name}", body(), headers))
+        return _json_body(self._request("POST", target, body(), headers))
 
 
 def _json_body(response: http.client.HTTPResponse) -> dict[str, Any]:

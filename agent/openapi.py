@@ -68,6 +68,16 @@ def _operation(endpoint: Endpoint, schemas: dict[str, Any]) -> dict[str, Any]:
         }
         for name in PATH_PARAM.findall(endpoint.path)
     ]
+    op["parameters"] += [
+        {
+            "name": name,
+            "in": "query",
+            "required": True,
+            "description": description,
+            "schema": schema,
+        }
+        for name, description, schema in endpoint.query
+    ]
     op["parameters"] += GUARD_PARAMETERS
     if endpoint.request is not None:
         op["requestBody"] = {

@@ -27,24 +27,50 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import errno
+import hashlib
 import io
 import os
 import re
+import secrets
 import struct
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from cryptography.exceptions import InvalidSignature
 from loguru import logger
 
 from agent import keys, stream
 from agent.api_client import ResourceApiClient
 from agent.cache import BigPartCache, Spool, check_component
 from agent.download import BigPartDownloads, GrowingFile
-from agent.errors import LoaderError, StreamError, TamperedError, TruncatedError, UpstreamError
+from agent.errors import (
+    ConflictError,
+    LoaderError,
+    NotFoundError,
+    RequestError,
+    SignatureError,
+    StreamError,
+    TamperedError,
+    TruncatedError,
+    UpstreamError,
+)
 from agent.schemas import UploadResult
+from agent.signing import (
+    KEY_ID_SIZE,
+    PUBLIC_KEY_SIZE,
+    Kind,
+    PublicKey,
+    SignatureBlock,
+    Statement,
+    TrustStore,
+    key_id_of,
+    resource_ciphertext,
+    resource_manifest,
+)
 
 READ_SIZE = 1024 * 1024  # ciphertext per block (at the default chunk size, 16 chunks)
 BLOCK_CHUNKS = READ_SIZE // stream.CHUNK_SIZE  # per block: as many chunks of other sizes as fit
@@ -56,36 +82,49 @@ HEAD_SIZE = stream.HEADER_SIZE + HEAD_DATA_BYTES
 BIG_NAME = re.compile(r"[0-9a-f]{64}")
 
 SMALL_MAGIC = b"AZSP"
-SMALL_VERSION = 1
+SMALL_VERSION = 1  # unsigned
+SMALL_VERSION_SIGNED = 2  # the same, then the publisher's signature block
 # magic, version, fragment length | fragment | big size, big sha256, big name length | name |
-# head length | head
+# head length | head [| block length | signature block]  (version 2)
 _SMALL_PREFIX = struct.Struct(">4sBH")
 _SMALL_BIG = struct.Struct(">Q32sB")
 _SMALL_HEAD = struct.Struct(">I")
+_SMALL_BLOCK = struct.Struct(">H")
+MAX_PENDING_SIGNATURES = 4  # uploads encrypted and waiting for their publisher's signature
+PENDING_SIGNATURE_SECONDS = 600.0  # how long one waits before its spooled big part is dropped
 
 
 @dataclass(frozen=True, repr=False)
 class SmallPart:
-    """What the Resource API keeps for one resource."""
+    """What the Resource API keeps for one resource (docs/format.md, "Resources"): with the
+    publisher's ``signature`` block when the upload was signed (``upload --sign-key``)."""
 
     fragment: bytes
     big_name: str
     big_size: int
     big_sha256: bytes
     head: bytes
+    signature: SignatureBlock | None = None
 
     def pack(self) -> bytes:
         name = self.big_name.encode("ascii")
-        return b"".join(
-            (
-                _SMALL_PREFIX.pack(SMALL_MAGIC, SMALL_VERSION, len(self.fragment)),
-                self.fragment,
-                _SMALL_BIG.pack(self.big_size, self.big_sha256, len(name)),
-                name,
-                _SMALL_HEAD.pack(len(self.head)),
-                self.head,
-            )
-        )
+        version = SMALL_VERSION if self.signature is None else SMALL_VERSION_SIGNED
+        parts = [
+            _SMALL_PREFIX.pack(SMALL_MAGIC, version, len(self.fragment)),
+            self.fragment,
+            _SMALL_BIG.pack(self.big_size, self.big_sha256, len(name)),
+            name,
+            _SMALL_HEAD.pack(len(self.head)),
+            self.head,
+        ]
+        if self.signature is not None:
+            block = self.signature.pack()
+            parts += [_SMALL_BLOCK.pack(len(block)), block]
+        return b"".join(parts)
+
+    def ciphertext(self) -> tuple[int, bytes]:
+        """The ciphertext size and digest a publisher signature covers (``signing``)."""
+        return resource_ciphertext(self.head, self.big_size, self.big_sha256)
 
     @classmethod
     def unpack(cls, data: bytes) -> SmallPart:
@@ -101,18 +140,33 @@ class SmallPart:
             offset += name_length
             (head_length,) = _SMALL_HEAD.unpack_from(data, offset)
             offset += _SMALL_HEAD.size
+            head = data[offset : offset + head_length]
+            offset += head_length
+            block = b""
+            if version == SMALL_VERSION_SIGNED:
+                (block_length,) = _SMALL_BLOCK.unpack_from(data, offset)
+                offset += _SMALL_BLOCK.size
+                block = data[offset : offset + block_length]
+                offset += block_length
+                if len(block) != block_length:
+                    raise struct.error("cut short")
         except (struct.error, UnicodeDecodeError) as exc:
             raise ValueError("not a small part envelope") from exc
-        head = data[offset:]
-        if magic != SMALL_MAGIC or version != SMALL_VERSION:
+        if magic != SMALL_MAGIC or version not in (SMALL_VERSION, SMALL_VERSION_SIGNED):
             raise ValueError("not a small part envelope of a known version")
-        if len(fragment) != fragment_length or len(head) != head_length:
+        if len(fragment) != fragment_length or len(head) != head_length or offset != len(data):
             raise ValueError("the small part envelope is cut short or has extra bytes")
         if not keys.MIN_FRAGMENT_SIZE <= fragment_length <= keys.MAX_FRAGMENT_SIZE:
             raise ValueError("the small part envelope holds no usable key fragment")
         if not BIG_NAME.fullmatch(big_name) or big_name != big_sha256.hex():
             raise ValueError("the small part envelope names its big part wrongly")
-        return cls(fragment, big_name, big_size, big_sha256, head)
+        signature = None
+        if version == SMALL_VERSION_SIGNED:
+            try:
+                signature = SignatureBlock.unpack(bytes(block))
+            except SignatureError as exc:
+                raise ValueError(f"its signature block is unreadable: {exc}") from None
+        return cls(fragment, big_name, big_size, big_sha256, head, signature)
 
 
 @dataclass
@@ -132,11 +186,16 @@ class ResourceStore:
         *,
         max_resource_bytes: int = 16 << 30,
         load_buffer_bytes: int = LOAD_BUFFER_BYTES,
+        publishers_dir: Path | None = None,
     ) -> None:
         """``max_resource_bytes``: the largest big part a small part may claim (setting
         ``LOADER_MAX_RESOURCE_BYTES``); more is a 502 before anything is downloaded.
-        ``load_buffer_bytes``: the bound on all loads' blocks together (``LoadBuffers``)."""
+        ``load_buffer_bytes``: the bound on all loads' blocks together (``LoadBuffers``).
+        ``publishers_dir``: the publisher keys this device trusts (``LOADER_PUBLISHERS_DIR``,
+        read at every load, as the unlock does); None trusts none and enforces nothing."""
         self._api = api
+        self._publishers_dir = publishers_dir
+        self._pending: dict[str, _Pending] = {}
         self._max_big_size = max_resource_bytes
         self._cache = BigPartCache(cache_dir)
         self._downloads = BigPartDownloads(api, self._cache)
@@ -152,6 +211,8 @@ class ResourceStore:
         return self._downloads
 
     async def close(self) -> None:
+        for upload_id in list(self._pending):
+            self._drop_pending(upload_id)
         await self._downloads.close()
 
     # -- upload --------------------------------------------------------------------------------
@@ -159,18 +220,129 @@ class ResourceStore:
     async def upload(self, folder: str, name: str, chunks: AsyncIterable[bytes]) -> UploadResult:
         """Encrypt ``chunks``, store the big part on the CDN (and in the cache), then the small
         part on the API. Memory stays bounded: the big part is spooled to the cache dir."""
+        prepared = await self._prepare(folder, name, chunks)
+        with prepared.spooled:
+            return await self._store(prepared, None)
+
+    async def upload_for_signing(
+        self,
+        folder: str,
+        name: str,
+        chunks: AsyncIterable[bytes],
+        key_id: bytes,
+        release: int,
+    ) -> PendingSignature:
+        """Encrypt ``chunks`` as ``upload`` does, but store nothing yet: the big part stays
+        spooled and the statement a publisher signs is returned (the agent never holds a
+        publisher's private key). ``commit_signature`` stores it signed; unsigned for
+        ``PENDING_SIGNATURE_SECONDS``, it is dropped. At most ``MAX_PENDING_SIGNATURES`` wait
+        (each holds a big part on disk)."""
+        if len(self._pending) >= MAX_PENDING_SIGNATURES:
+            raise ConflictError(
+                f"{len(self._pending)} uploads already wait for their signature; sign them, or "
+                f"wait until they expire ({PENDING_SIGNATURE_SECONDS:.0f} s after they were sent)"
+            )
+        prepared = await self._prepare(folder, name, chunks)
+        with contextlib.ExitStack() as unless_pending:
+            unless_pending.push(prepared.spooled)
+            ciphertext_size, ciphertext_sha256 = prepared.small.ciphertext()
+            manifest = resource_manifest(folder, name, prepared.size, release)
+            statement = Statement(
+                Kind.RESOURCE,
+                key_id,
+                release,
+                ciphertext_size,
+                ciphertext_sha256,
+                hashlib.sha256(manifest).digest(),
+            )
+            if len(self._pending) >= MAX_PENDING_SIGNATURES:  # others came while this encrypted
+                raise ConflictError(
+                    f"{len(self._pending)} uploads already wait for their signature; try again"
+                )
+            upload_id = secrets.token_hex(16)
+            expiry = asyncio.get_running_loop().call_later(
+                PENDING_SIGNATURE_SECONDS, self._expire, upload_id
+            )
+            self._pending[upload_id] = _Pending(prepared, statement, expiry)
+            unless_pending.pop_all()
+        logger.info(
+            "upload of {}/{} encrypted; waiting for the signature of key {} (release {})",
+            folder,
+            name,
+            key_id.hex(),
+            release,
+        )
+        return PendingSignature(
+            upload_id, statement, manifest, prepared.size, PENDING_SIGNATURE_SECONDS
+        )
+
+    async def commit_signature(
+        self, upload_id: str, folder: str, name: str, public_key: bytes, signature: bytes
+    ) -> UploadResult:
+        """Store an upload of ``upload_for_signing`` with its publisher's ``signature`` over
+        the statement, checked here with ``public_key`` (whose id the statement names): a
+        wrong key file or a damaged signature is refused before anything is stored."""
+        pending = self._pending.get(upload_id)
+        if pending is None or (pending.prepared.folder, pending.prepared.name) != (folder, name):
+            raise NotFoundError(
+                f"no upload of {folder}/{name} waits for a signature under that id (it was "
+                f"stored already, or expired {PENDING_SIGNATURE_SECONDS:.0f} s after it was sent)"
+            )
+        statement = pending.statement
+        if len(public_key) != PUBLIC_KEY_SIZE or key_id_of(public_key) != statement.key_id:
+            raise RequestError(
+                f"the public key is not key {statement.key_id.hex()}, which the statement names"
+            )
+        try:
+            PublicKey(public_key).verifier().verify(signature, statement.encode())
+        except InvalidSignature:
+            raise RequestError(
+                f"the signature does not verify over the statement with key "
+                f"{statement.key_id.hex()}"
+            ) from None
+        del self._pending[upload_id]
+        pending.expiry.cancel()
+        with pending.prepared.spooled:
+            return await self._store(pending.prepared, SignatureBlock(statement, signature))
+
+    def _expire(self, upload_id: str) -> None:
+        pending = self._pending.get(upload_id)
+        if pending is not None:
+            logger.warning(
+                "upload of {}/{} was not signed within {:.0f} s; dropped",
+                pending.prepared.folder,
+                pending.prepared.name,
+                PENDING_SIGNATURE_SECONDS,
+            )
+            self._drop_pending(upload_id)
+
+    def _drop_pending(self, upload_id: str) -> None:
+        pending = self._pending.pop(upload_id)
+        pending.expiry.cancel()
+        pending.prepared.spooled.close()
+
+    async def _prepare(self, folder: str, name: str, chunks: AsyncIterable[bytes]) -> _Prepared:
+        """Encrypt ``chunks`` into a spooled big part and the small part (not stored yet)."""
         check_component(folder, "folder")
         check_component(name, "name")
         small_fragment, big_fragment = keys.generate_fragment(), keys.generate_fragment()
         splitter = _Splitter(stream.Encryptor([small_fragment, big_fragment]))
-        with self._cache.spool(folder) as spool:
+        with contextlib.ExitStack() as spooled:
+            spool = spooled.enter_context(self._cache.spool(folder))
             await asyncio.to_thread(spool.write, _big_prefix(big_fragment))
             size = await _encrypt_into(chunks, splitter, spool)
             await asyncio.to_thread(splitter.finish, spool)
             small = SmallPart(
                 small_fragment, spool.sha256.hex(), spool.size, spool.sha256, bytes(splitter.head)
             )
-            big_path = self._cache.commit(spool, folder, small.big_name)
+            return _Prepared(folder, name, size, small, spool, spooled.pop_all())
+        raise AssertionError("unreachable")  # for mypy: the with block returns or raises
+
+    async def _store(self, prepared: _Prepared, signature: SignatureBlock | None) -> UploadResult:
+        """Put the big part on the CDN (and into the cache), then the small part on the API."""
+        folder, name, size = prepared.folder, prepared.name, prepared.size
+        small = dataclasses.replace(prepared.small, signature=signature)
+        big_path = self._cache.commit(prepared.spool, folder, small.big_name)
         stored_big = False
         try:
             await self._api.put_big_part(
@@ -191,6 +363,8 @@ class ResourceStore:
             small_size=len(packed),
             big_size=small.big_size,
             big_sha256=small.big_name,
+            publisher=signature.statement.key_id.hex() if signature else None,
+            release=signature.statement.release if signature else None,
         )
 
     async def _remove_orphan(self, folder: str, big_name: str) -> None:
@@ -221,6 +395,9 @@ class ResourceStore:
                 f"read ({exc})"
             ) from exc
         self._check_claimed_size(small, folder, name)
+        trust = await self._trust()
+        what = f"resource {folder}/{name}"
+        trust.admit(small.signature, what)  # unsigned or untrusted: refused before downloading
         # From the cache, or following the download as it writes the file: once the big
         # part's key fragment is on disk, the load starts (``Resource._read`` waits for more).
         file = await self._downloads.open(
@@ -235,9 +412,8 @@ class ResourceStore:
         following = isinstance(file.raw, GrowingFile)
         try:
             forget = lambda: self._downloads.forget(path)  # noqa: E731
-            if following:
-                return _Following(small, file, forget, self.stats, self.shared)
-            return Resource(small, file, forget, self.stats, self.shared)
+            kind = _Following if following else Resource
+            resource = kind(small, file, forget, self.stats, self.shared)
         except StreamError as exc:
             file.close()
             if not following:
@@ -247,6 +423,19 @@ class ResourceStore:
         except BaseException:
             file.close()
             raise
+        try:
+            _verify_signature(trust, small, resource.size, folder, name)
+        except BaseException:
+            await resource.aclose()
+            raise
+        return resource
+
+    async def _trust(self) -> TrustStore:
+        """The publisher keys trusted now (read at every load: a key installed or removed
+        counts from the next load on, as for the unlock)."""
+        if self._publishers_dir is None:
+            return TrustStore()
+        return await asyncio.to_thread(TrustStore.load, self._publishers_dir)
 
     def _check_claimed_size(self, small: SmallPart, folder: str, name: str) -> None:
         """The big part's recorded size must be one a resource can have, and within bounds,
@@ -699,6 +888,65 @@ def plaintext_size(small: SmallPart, fragment_length: int) -> int:
         raise TruncatedError("the big part is shorter than its key fragment")
     ciphertext_size = len(small.head) + small.big_size - (1 + fragment_length)
     return stream.plaintext_size(ciphertext_size, chunk_size=header.chunk_size)
+
+
+def _verify_signature(
+    trust: TrustStore, small: SmallPart, size: int, folder: str, name: str
+) -> None:
+    """Check a signed small part against what this load measures: its own head, the big
+    part's recorded length and SHA-256 (which the cache and the download hold the bytes to:
+    a part is in the cache only if it matches, and a load following a download gets its
+    last bytes only once it does), the plaintext ``size`` and where it is published. A
+    load hands out nothing before this passes: from the cache, the whole resource is
+    verified before its first byte; following a download, its tail waits for the download's
+    check."""
+    if small.signature is None:
+        return  # admitted: signatures are not enforced
+    ciphertext_size, ciphertext_sha256 = small.ciphertext()
+    manifest = resource_manifest(folder, name, size, small.signature.statement.release)
+    measured = Statement(
+        Kind.RESOURCE,
+        bytes(KEY_ID_SIZE),  # not measured: the block's own
+        0,
+        ciphertext_size,
+        ciphertext_sha256,
+        hashlib.sha256(manifest).digest(),
+    )
+    trust.verify(small.signature, measured, f"resource {folder}/{name}")
+
+
+@dataclass
+class _Prepared:
+    """An upload encrypted and spooled, not stored yet; ``spooled`` drops the spool on close
+    unless it was committed to the cache."""
+
+    folder: str
+    name: str
+    size: int
+    small: SmallPart
+    spool: Spool
+    spooled: contextlib.ExitStack
+
+
+@dataclass
+class _Pending:
+    """An upload waiting for its publisher's signature (``upload_for_signing``)."""
+
+    prepared: _Prepared
+    statement: Statement
+    expiry: asyncio.TimerHandle
+
+
+@dataclass(frozen=True)
+class PendingSignature:
+    """What a publisher signs to store an upload: ``statement.encode()``; ``manifest`` is what
+    its ``manifest_sha256`` covers, for the signer to check against what it sent."""
+
+    upload_id: str
+    statement: Statement
+    manifest: bytes
+    size: int  # plaintext bytes received
+    expires_in: float
 
 
 def _big_prefix(fragment: bytes) -> bytes:

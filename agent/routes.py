@@ -73,6 +73,8 @@ class Endpoint:
     # The media type of a text answer that is not JSON (as documented: no parameters).
     text_response: str | None = None
     multipart_request: bool = False
+    # Query parameters it requires: (name, description, JSON schema).
+    query: tuple[tuple[str, str, dict[str, object]], ...] = ()
     # Open to every local peer: read-only, reveals no secret and no protected data. Any other
     # endpoint needs an allowed peer (``PeerCheck``), so a new endpoint is closed by default.
     open_to_all: bool = False

@@ -160,10 +160,56 @@ class UploadResult(BaseModel):
     small_size: int = Field(description="bytes kept by the Resource API")
     big_size: int = Field(description="bytes kept by the CDN")
     big_sha256: str = Field(description="the big part's SHA-256, also its name on the CDN")
+    publisher: str | None = Field(
+        default=None, description="the key id (hex) that signed it (upload --sign-key)"
+    )
+    release: int | None = Field(default=None, description="the signed release number")
 
 
 class UploadResponse(UploadResult):
     status: Literal["ok"]
+
+
+class UploadStatement(BaseModel):
+    """A signed upload's first step (``POST /upload/{filename}/statement``): encrypted and
+    spooled, stored only once the publisher's signature over ``statement`` comes back."""
+
+    status: Literal["signature_needed"]
+    upload_id: str = Field(description="names this upload in its signature step")
+    folder: str
+    name: str
+    size: int = Field(description="plaintext bytes received")
+    key_id: str = Field(description="the key id (hex) that must sign")
+    release: int
+    statement: str = Field(
+        description="hex of the bytes to sign (docs/format.md, 'Publisher signatures')"
+    )
+    manifest: str = Field(description="what the statement's manifest_sha256 covers")
+    expires_in: float = Field(description="seconds before the upload is dropped unsigned")
+
+
+class UploadSignatureRequest(_Request):
+    """A signed upload's second step: the signature over its statement."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "folder": "models",
+                    "upload_id": "0" * 32,
+                    "public_key": "A" * 43 + "=",
+                    "signature": "0" * 128,
+                }
+            ]
+        }
+    )
+    folder: str = Field(pattern=_NAME, max_length=NAME_MAX_LENGTH)
+    upload_id: str = Field(pattern="^[0-9a-f]{32}$")
+    public_key: str = Field(
+        pattern="^[A-Za-z0-9+/]{43}=$",
+        description="the signer's raw Ed25519 public key in base64, as in its .pub line",
+    )
+    signature: str = Field(pattern="^[0-9a-f]{128}$", description="Ed25519, hex")
 
 
 class ErrorResponse(BaseModel):

@@ -8,6 +8,7 @@ ready, metrics (``agent.metrics``) and openapi.json.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import re
@@ -52,8 +53,10 @@ from agent.schemas import (
     UnlockState,
     UnlockStatus,
     UploadResponse,
+    UploadSignatureRequest,
+    UploadStatement,
 )
-from agent.signing import TrustStore
+from agent.signing import KEY_ID_SIZE, MAX_RELEASE, TrustStore
 
 if TYPE_CHECKING:
     from agent.resources import Resource
@@ -566,12 +569,79 @@ async def _unless_caller_leaves(request: web.Request, opening: Awaitable[T]) -> 
     return None
 
 
+Store = Callable[[str, str, AsyncIterator[bytes]], Awaitable[BaseModel]]
+
+
 async def upload(request: web.Request) -> web.Response:
+    resources = request.app[SERVICES].resources
+
+    async def store(folder: str, name: str, chunks: AsyncIterator[bytes]) -> BaseModel:
+        result = await resources.upload(folder, name, chunks)
+        return UploadResponse(status="ok", **result.model_dump())
+
     with _counted(request, "upload"):
-        return await _upload(request)
+        return await _upload(request, store)
 
 
-async def _upload(request: web.Request) -> web.Response:
+async def upload_statement(request: web.Request) -> web.Response:
+    """A signed upload, step one: encrypt and spool, answer the statement to sign. The agent
+    never holds a publisher's private key: ``azaion-loader upload --sign-key`` signs the
+    statement and sends the signature (``upload_signature``), which stores the resource.
+    Counted in /metrics at that step."""
+    key_id = _query_key_id(request)
+    release = _query_release(request)
+    resources = request.app[SERVICES].resources
+
+    async def store(folder: str, name: str, chunks: AsyncIterator[bytes]) -> BaseModel:
+        pending = await resources.upload_for_signing(folder, name, chunks, key_id, release)
+        return UploadStatement(
+            status="signature_needed",
+            upload_id=pending.upload_id,
+            folder=folder,
+            name=name,
+            size=pending.size,
+            key_id=key_id.hex(),
+            release=release,
+            statement=pending.statement.encode().hex(),
+            manifest=pending.manifest.decode("utf-8"),
+            expires_in=pending.expires_in,
+        )
+
+    return await _upload(request, store)
+
+
+async def upload_signature(request: web.Request) -> web.Response:
+    """A signed upload, step two: the publisher's signature over the statement; stores it."""
+    with _counted(request, "upload"):
+        filename = validate_name(request.match_info["filename"], "filename")
+        body = await read_model(request, UploadSignatureRequest)
+        result = await request.app[SERVICES].resources.commit_signature(
+            body.upload_id,
+            validate_name(body.folder, "folder"),
+            filename,
+            base64.b64decode(body.public_key, validate=True),
+            bytes.fromhex(body.signature),
+        )
+        return model_response(UploadResponse(status="ok", **result.model_dump()))
+
+
+def _query_key_id(request: web.Request) -> bytes:
+    value = request.query.get("key_id", "")
+    if not re.fullmatch(f"[0-9a-f]{{{2 * KEY_ID_SIZE}}}", value):
+        raise errors.RequestError(
+            f"?key_id= must be the signing key's id: {2 * KEY_ID_SIZE} lowercase hex digits"
+        )
+    return bytes.fromhex(value)
+
+
+def _query_release(request: web.Request) -> int:
+    value = request.query.get("release", "")
+    if not re.fullmatch("[0-9]{1,19}", value) or int(value) > MAX_RELEASE:
+        raise errors.RequestError(f"?release= must be a release number from 0 to {MAX_RELEASE}")
+    return int(value)
+
+
+async def _upload(request: web.Request, store: Store) -> web.Response:
     filename = validate_name(request.match_info["filename"], "filename")
     settings = request.app[SERVICES].settings
     limit = settings.loader_max_upload_bytes
@@ -604,10 +674,7 @@ async def _upload(request: web.Request) -> web.Response:
                     "send the 'folder' field before 'file' (or give it as ?folder=)"
                 )
             folder = validate_name(folder, "folder")
-            result = await request.app[SERVICES].resources.upload(
-                folder, filename, _limited(part, limit, stall)
-            )
-            return model_response(UploadResponse(status="ok", **result.model_dump()))
+            return model_response(await store(folder, filename, _limited(part, limit, stall)))
         else:
             raise errors.RequestError("an upload has two fields: 'folder', then 'file'")
     raise errors.RequestError("an upload has two fields: 'folder', then 'file'")
@@ -683,6 +750,18 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("POST", "/upload/{filename}", upload, "Encrypt, split and upload a resource",
              response=UploadResponse, multipart_request=True,
              errors=(401, 403, 404, 409, 413, 415, 502, 503, 504, 507)),
+    Endpoint("POST", "/upload/{filename}/statement", upload_statement,
+             "Signed upload, step 1: encrypt and spool; answers the statement to sign",
+             response=UploadStatement, multipart_request=True,
+             query=(("key_id", "the signing key's id, 16 hex digits",
+                     {"type": "string", "pattern": "^[0-9a-f]{16}$"}),
+                    ("release", "the release number to sign",
+                     {"type": "integer", "minimum": 0, "maximum": MAX_RELEASE})),
+             errors=(409, 413, 415, 507)),
+    Endpoint("POST", "/upload/{filename}/signature", upload_signature,
+             "Signed upload, step 2: the signature over the statement; stores the resource",
+             request=UploadSignatureRequest, response=UploadResponse,
+             errors=(401, 403, 404, 413, 415, 502, 503, 504, 507)),
     Endpoint("POST", "/unlock", unlock, "Start the unlock of the Docker images",
              request=UnlockRequest, response=UnlockStatus, ok_status=(200, 202),
              errors=(404, 413, 415)),

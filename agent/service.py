@@ -81,6 +81,7 @@ def build_services(settings: Settings, notifier: Notifier, access: AccessPolicy)
         settings.model_cache_dir,
         max_resource_bytes=settings.loader_max_resource_bytes,
         load_buffer_bytes=settings.loader_load_buffer_mib * MiB,
+        publishers_dir=settings.loader_publishers_dir,
     )
     return Services(settings=settings, api=api, resources=resources, unlock=unlock, access=access)
 

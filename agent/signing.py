@@ -256,6 +256,23 @@ class TrustStore:
     def key_names(self) -> list[str]:
         return sorted(key.name for key in self.keys.values())
 
+    def admit(self, block: SignatureBlock | None, what: str) -> PublicKey | None:
+        """The checks that need nothing measured, so that they can refuse before a byte is
+        read or downloaded: an unsigned input when signatures are enforced, a key this device
+        does not trust. The key to verify with, or None when there is nothing to verify
+        (unsigned, or signed by an unknown key while signatures are not enforced)."""
+        if block is None:
+            if self.enforced:
+                raise SignatureError(f"{what} is not signed, and this device requires signatures")
+            return None
+        key = self.keys.get(block.statement.key_id)
+        if key is None and self.enforced:
+            raise SignatureError(
+                f"{what} is signed by key {block.statement.key_id.hex()}, which this device "
+                "does not trust (not in its publishers directory)"
+            )
+        return key
+
     def verify(self, block: SignatureBlock | None, expected: Statement, what: str) -> None:
         """Check ``block`` against the statement computed from the bytes themselves.
 
@@ -263,18 +280,9 @@ class TrustStore:
         manifest SHA-256); its key id and release are ignored. ``SignatureError`` names
         ``what`` and the reason. When signatures are not enforced, an unsigned ``block``
         (None) passes; a signed one is still checked if its key is known."""
-        if block is None:
-            if self.enforced:
-                raise SignatureError(f"{what} is not signed, and this device requires signatures")
+        key = self.admit(block, what)
+        if key is None or block is None:
             return
-        key = self.keys.get(block.statement.key_id)
-        if key is None:
-            if not self.enforced:
-                return
-            raise SignatureError(
-                f"{what} is signed by key {block.statement.key_id.hex()}, which this device "
-                "does not trust (not in its publishers directory)"
-            )
         signed = block.statement
         if signed.kind != expected.kind:
             raise SignatureError(
@@ -335,6 +343,14 @@ class Statement:
     def encode(self) -> bytes:
         """The bytes the signature is over."""
         return DOMAIN + self.fields()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Statement:
+        """Parse the bytes ``encode`` makes; ``ValueError`` if they are not a statement."""
+        if len(data) != len(DOMAIN) + _FIELDS.size or not data.startswith(DOMAIN):
+            raise ValueError("not a signature statement of version 1")
+        kind, key_id, release, size, digest, manifest = _FIELDS.unpack_from(data, len(DOMAIN))
+        return cls(Kind(kind), key_id, release, size, digest, manifest)
 
 
 @dataclass(frozen=True)
@@ -406,6 +422,18 @@ def split_archive(file: BinaryIO) -> tuple[int, SignatureBlock | None]:
             f"signed at {block.statement.ciphertext_size}: truncated or extended after signing"
         )
     return size - BLOCK_SIZE, block
+
+
+def resource_ciphertext(head: bytes, big_size: int, big_sha256: bytes) -> tuple[int, bytes]:
+    """A resource's ``ciphertext_size`` and ``ciphertext_sha256`` as its signature covers
+    them: the two parts as stored, the small part's ``head`` (stream header and first
+    ciphertext) and the big part (its key fragment, then the rest of the ciphertext):
+    ``len(head) + big_size`` and ``SHA-256(SHA-256(head) || SHA-256(big part))``. The big
+    part's SHA-256 is the one its download (or the upload's spool) computes in the pass that
+    writes it, and the cache holds only parts that match it: a load from the cache checks the
+    signature before its first byte, without reading the part again."""
+    digest = hashlib.sha256(hashlib.sha256(head).digest() + big_sha256).digest()
+    return len(head) + big_size, digest
 
 
 def resource_manifest(folder: str, name: str, size: int, release: int) -> bytes:

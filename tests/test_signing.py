@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agent import signing, stream
 from agent.archive import ArchiveManifest, PayloadSplitter
 from agent.errors import ConfigError, ConflictError, SignatureError, UnsupportedFormatError
+from agent.resources import SmallPart
 from tests.test_cli_crypto import assert_failed_with_one_line, cli
 from tests.vectors import generate, generate_signatures
 
@@ -50,17 +51,28 @@ def check(vector: dict[str, Any], store: signing.TrustStore) -> None:
     kind = signing.Kind[vector["kind"].upper()]
     if kind is signing.Kind.ARCHIVE:
         size, block = signing.split_archive(io.BytesIO(data))
+        digest = hashlib.sha256(data[:size]).digest()
     else:
-        size, block = len(data), signing.SignatureBlock.unpack(bytes.fromhex(vector["block"]))
+        small = SmallPart.unpack(data)
+        big = big_of(vector)
+        assert (len(big), hashlib.sha256(big).digest()) == (small.big_size, small.big_sha256)
+        block = small.signature
+        size, digest = signing.resource_ciphertext(small.head, len(big), small.big_sha256)
     measured = signing.Statement(
         kind,
         bytes(signing.KEY_ID_SIZE),
         0,
         size,
-        hashlib.sha256(data[:size]).digest(),
+        digest,
         hashlib.sha256(vector["manifest"].encode()).digest(),
     )
     store.verify(block, measured, vector["name"])
+
+
+def big_of(vector: dict[str, Any]) -> bytes:
+    big = (VECTORS_DIR / vector["big_file"]).read_bytes()
+    assert hashlib.sha256(big).hexdigest() == vector["big_sha256"]
+    return big
 
 
 def test_committed_vectors_equal_the_generator_output(tmp_path: Path) -> None:
@@ -119,12 +131,17 @@ def reference_verify(vector: dict[str, Any]) -> int:
     block_size = 8 + 1 + 1 + 8 + 8 + 8 + 32 + 32 + 64
     if vector["kind"] == "archive":
         block, ciphertext = data[-block_size:], data[:-block_size]
+        measured = len(ciphertext), hashlib.sha256(ciphertext).digest()
     else:
-        block, ciphertext = bytes.fromhex(vector["block"]), data
+        block, head, big = reference_resource_parts(data, big_of(vector))
+        measured = (
+            len(head) + len(big),
+            hashlib.sha256(hashlib.sha256(head).digest() + hashlib.sha256(big).digest()).digest(),
+        )
     assert block[:8] == b"\x89AZG\r\n\x1a\n" and block[8] == 1
     kind, key_id, release, size, digest, manifest = struct.unpack(">B8sQQ32s32s", block[9:98])
     assert kind == {"archive": 1, "resource": 2}[vector["kind"]]
-    assert size == len(ciphertext) and digest == hashlib.sha256(ciphertext).digest()
+    assert (size, digest) == measured
     assert manifest == hashlib.sha256(vector["manifest"].encode()).digest()
     line = (VECTORS_DIR / "publisher.pub").read_text().split()
     raw = base64.b64decode(line[1])
@@ -132,6 +149,26 @@ def reference_verify(vector: dict[str, Any]) -> int:
     statement = b"azaion-loader signature v1\n" + block[9:98]
     Ed25519PublicKey.from_public_bytes(raw).verify(block[98:], statement)
     return int(release)
+
+
+def reference_resource_parts(small: bytes, big: bytes) -> tuple[bytes, bytes, bytes]:
+    """From docs/format.md alone: a signed small part's block and head, and the big part;
+    the two parts' fragments open the stream they make together."""
+    assert small[:4] == b"AZSP" and small[4] == 2
+    (fragment_length,) = struct.unpack_from(">H", small, 5)
+    fragment_a, offset = small[7 : 7 + fragment_length], 7 + fragment_length
+    big_size, big_sha256, name_length = struct.unpack_from(">Q32sB", small, offset)
+    offset += 41 + name_length
+    (head_length,) = struct.unpack_from(">I", small, offset)
+    head, offset = small[offset + 4 : offset + 4 + head_length], offset + 4 + head_length
+    (block_length,) = struct.unpack_from(">H", small, offset)
+    block = small[offset + 2 : offset + 2 + block_length]
+    assert offset + 2 + block_length == len(small) and block_length == 162
+    assert (big_size, big_sha256) == (len(big), hashlib.sha256(big).digest())
+    fragment_b, rest = big[1 : 1 + big[0]], big[1 + big[0] :]
+    plaintext = b"".join(stream.decrypt_iter([head + rest], [fragment_a, fragment_b]))
+    assert plaintext == generate.pattern(len(plaintext))
+    return block, head, big
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,10 @@ from agent.defaults import DEFAULT_SOCKET_PATH
 from agent.errors import ConfigError, LoaderError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from agent.localclient import AgentClient
 
 UNLOCK_POLL_SECONDS = 0.5
@@ -77,6 +81,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("file", type=Path, metavar="FILE")
     p.add_argument("--folder", required=True)
     p.add_argument("--name", help="resource name (default: the file's name)")
+    p.add_argument(
+        "--sign-key",
+        type=Path,
+        metavar="KEY",
+        help="sign it with this publisher key (publisher-keygen); needs --release. The CLI "
+        "signs; the agent never sees the private key",
+    )
+    p.add_argument(
+        "--release",
+        type=_release_number,
+        metavar="N",
+        help="the release number the signed resource carries",
+    )
     _socket_options(p)
     p.set_defaults(func=cmd_upload)
 
@@ -231,13 +248,83 @@ def cmd_upload(args: argparse.Namespace) -> int:
     path: Path = args.file
     if not path.is_file():
         raise LoaderError(f"no such file: {path}")
+    if args.sign_key is None:
+        if args.release is not None:
+            raise ConfigError("--release is for a signed upload: give --sign-key KEY too")
+        sign_key = None
+    else:
+        from agent import signing
+
+        if args.release is None:
+            raise ConfigError("--sign-key needs --release N: a signed resource names its release")
+        sign_key = signing.read_private_key(args.sign_key)  # before a byte is sent
     from agent.cli.progress import Progress
 
     name = args.name or path.name
-    progress = Progress(f"upload {name}", total=path.stat().st_size)
+    size = path.stat().st_size
+    client = _client(args, timeout=None)
+    progress = Progress(f"upload {name}", total=size)
     try:
-        data = _client(args, timeout=None).upload(path, args.folder, name, progress.update)
+        if sign_key is None:
+            data = client.upload(path, args.folder, name, progress.update)
+        else:
+            data = _signed_upload(client, sign_key, args, path, name, size, progress.update)
     finally:
         progress.close()
-    _print(args, data, f"{name}: uploaded to {args.folder}")
+    human = f"{name}: uploaded to {args.folder}"
+    if data.get("publisher"):
+        human += f", signed by key {data['publisher']} as release {data.get('release')}"
+    _print(args, data, human)
     return 0
+
+
+def _signed_upload(
+    client: AgentClient,
+    sign_key: Ed25519PrivateKey,
+    args: argparse.Namespace,
+    path: Path,
+    name: str,
+    size: int,
+    progress: Callable[[int], None],
+) -> dict[str, Any]:
+    """Upload in two steps: the agent encrypts and answers the statement; this process checks
+    that it names this key, this release and this resource (folder, name, the size sent),
+    signs it, and sends the signature back. The agent stores the resource only then."""
+    import base64
+    import hashlib
+
+    from agent import signing
+
+    public = signing.public_key_of(sign_key)
+    answer = client.upload(
+        path, args.folder, name, progress, statement_for=(public.name, args.release)
+    )
+    try:
+        statement = signing.Statement.decode(bytes.fromhex(str(answer.get("statement"))))
+    except ValueError as exc:
+        raise LoaderError(f"the agent answered no statement to sign ({exc})") from None
+    manifest = signing.resource_manifest(args.folder, name, size, args.release)
+    expected = (signing.Kind.RESOURCE, public.key_id, args.release)
+    if (statement.kind, statement.key_id, statement.release) != expected or (
+        statement.manifest_sha256 != hashlib.sha256(manifest).digest()
+    ):
+        raise LoaderError(
+            f"the agent asked for a signature over something other than {args.folder}/{name} "
+            f"({size} bytes) as release {args.release} by key {public.name}; not signed"
+        )
+    signature = sign_key.sign(statement.encode())
+    return client.post_json(
+        f"/upload/{name}/signature",
+        {
+            "folder": args.folder,
+            "upload_id": str(answer.get("upload_id")),
+            "public_key": base64.b64encode(public.raw).decode("ascii"),
+            "signature": signature.hex(),
+        },
+    )
+
+
+def _release_number(text: str) -> int:
+    from agent.cli.publish import release_number as parse
+
+    return parse(text)

@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     parser.add_argument(
         "--release",
-        type=_release_number,
+        type=release_number,
         metavar="N",
         help="the release number the archive carries (devices refuse one lower than theirs)",
     )
@@ -120,7 +120,7 @@ def run_pack_images(args: argparse.Namespace) -> int:
     return 0
 
 
-def _release_number(text: str) -> int:
+def release_number(text: str) -> int:
     from agent.signing import MAX_RELEASE
 
     try:

@@ -5,9 +5,10 @@
 Writes ``signatures/signatures_v1.json`` (the index), the trusted public key and one ``.bin``
 per vector. Deterministic: Ed25519 signatures are, and the streams use the stream vectors'
 fixed fragments and salt. An archive vector is a whole archive file (stream, then signature
-block); a resource vector is the resource's complete stream, its manifest and its block (the
-block travels in the small part). ``verify`` is what a device trusting only the publisher key
-must conclude: "ok", or the ``SignatureError`` reason it must name.
+block); a resource vector is its two parts as stored: the small part (the envelope of version
+2, which carries the block) in ``<name>.bin`` and the big part in ``<name>.big.bin``.
+``verify`` is what a device trusting only the publisher key must conclude: "ok", or the
+``SignatureError`` reason it must name.
 tests/test_signing.py checks the committed files equal this output and verifies each vector.
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent import archive, signing, stream
+from agent import archive, resources, signing, stream
 from agent.archive import ArchiveManifest, ImageEntry
 from tests.vectors.generate import FRAGMENT_A, FRAGMENT_B, SALT, pattern
 
@@ -38,10 +39,10 @@ class SignedVector:
     name: str
     description: str
     kind: signing.Kind
-    data: bytes  # archive: the whole file; resource: the stream
+    data: bytes  # archive: the whole file; resource: the small part
     manifest: bytes
     verify: str
-    block: bytes | None = None  # resource vectors: the block beside the stream
+    big: bytes | None = None  # resource vectors: the big part
 
     def index_entry(self) -> dict[str, object]:
         entry: dict[str, object] = {
@@ -54,8 +55,10 @@ class SignedVector:
             "manifest": self.manifest.decode("utf-8"),
             "verify": self.verify,
         }
-        if self.block is not None:
-            entry["block"] = self.block.hex()
+        if self.big is not None:
+            entry["big_file"] = f"{self.name}.big.bin"
+            entry["big_size"] = len(self.big)
+            entry["big_sha256"] = hashlib.sha256(self.big).hexdigest()
         return entry
 
 
@@ -90,6 +93,22 @@ def signed_block(
     ).pack()
 
 
+def resource_parts(
+    key: Ed25519PrivateKey, plaintext: bytes, manifest: bytes
+) -> tuple[resources.SmallPart, bytes]:
+    """A signed resource's small part and big part, split as the agent splits an upload."""
+    whole = encrypt(plaintext, [FRAGMENT_A, FRAGMENT_B])
+    head = whole[: resources.HEAD_SIZE]
+    big = bytes([len(FRAGMENT_B)]) + FRAGMENT_B + whole[resources.HEAD_SIZE :]
+    big_sha256 = hashlib.sha256(big).digest()
+    size, digest = signing.resource_ciphertext(head, len(big), big_sha256)
+    block = signing.sign(
+        key, signing.Kind.RESOURCE, RELEASE, size, digest, hashlib.sha256(manifest).digest()
+    )
+    small = resources.SmallPart(FRAGMENT_A, big_sha256.hex(), len(big), big_sha256, head, block)
+    return small, big
+
+
 def all_vectors() -> list[SignedVector]:
     key, other = publisher(), Ed25519PrivateKey.from_private_bytes(OTHER_SEED)
     manifest = archive_manifest()
@@ -97,9 +116,15 @@ def all_vectors() -> list[SignedVector]:
     stream_bytes = encrypt(payload, [FRAGMENT_A])
     block = signed_block(key, signing.Kind.ARCHIVE, stream_bytes, manifest)
     cut = stream_bytes[: -(CHUNK_SIZE + stream.TAG_SIZE)]
-    resource = encrypt(pattern(3000), [FRAGMENT_A, FRAGMENT_B])
-    resource_manifest = signing.resource_manifest("models", "detector.onnx", 3000, RELEASE)
-    resource_block = signed_block(key, signing.Kind.RESOURCE, resource, resource_manifest)
+    resource_manifest = signing.resource_manifest("models", "detector.onnx", 10000, RELEASE)
+    small, big = resource_parts(key, pattern(10000), resource_manifest)
+    renamed = signing.resource_manifest("models", "tracker.onnx", 10000, RELEASE)
+    head = bytearray(small.head)
+    head[-1] ^= 0x01
+    altered = resources.SmallPart(
+        small.fragment, small.big_name, small.big_size, small.big_sha256, bytes(head),
+        small.signature,
+    )  # fmt: skip
     as_resource = signed_block(key, signing.Kind.RESOURCE, stream_bytes, manifest)
     forged = bytearray(block)
     forged[-1] ^= 0x01
@@ -122,8 +147,15 @@ def all_vectors() -> list[SignedVector]:
     return [
         SignedVector("signed_archive", "an archive signed by the publisher", archive_kind,
                      stream_bytes + block, manifest, "ok"),
-        SignedVector("signed_resource", "a resource's stream, its manifest and its block",
-                     resource_kind, resource, resource_manifest, "ok", resource_block),
+        SignedVector("signed_resource", "a resource's two parts, the block in its small part",
+                     resource_kind, small.pack(), resource_manifest, "ok", big),
+        SignedVector("resource_under_another_name",
+                     "the signed resource's parts published under another name",
+                     resource_kind, small.pack(), renamed, "manifest other than", big),
+        SignedVector("resource_head_altered",
+                     "the small part's last ciphertext byte flipped, the block kept",
+                     resource_kind, altered.pack(), resource_manifest, "altered after signing",
+                     big),
         SignedVector("unsigned_archive", "the same archive without a block", archive_kind,
                      stream_bytes, manifest, "not signed"),
         SignedVector("wrong_key", "signed by a key the device does not trust", archive_kind,
@@ -149,6 +181,8 @@ def write_vectors(out: Path) -> None:
     vectors = all_vectors()
     for vector in vectors:
         (out / f"{vector.name}.bin").write_bytes(vector.data)
+        if vector.big is not None:
+            (out / f"{vector.name}.big.bin").write_bytes(vector.big)
     public = signing.public_key_of(publisher(), "vectors")
     (out / "publisher.pub").write_text(public.to_line())
     index = {
