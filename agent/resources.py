@@ -171,6 +171,7 @@ class ResourceStore:
                 small_fragment, spool.sha256.hex(), spool.size, spool.sha256, bytes(splitter.head)
             )
             big_path = self._cache.commit(spool, folder, small.big_name)
+            self._cache.record_use(folder, name, small.big_name)  # an earlier upload's: orphan
         stored_big = False
         try:
             await self._api.put_big_part(
@@ -221,6 +222,7 @@ class ResourceStore:
                 f"read ({exc})"
             ) from exc
         self._check_claimed_size(small, folder, name)
+        self._cache.record_use(folder, name, small.big_name)  # the part it used before: orphan
         # From the cache, or following the download as it writes the file: once the big
         # part's key fragment is on disk, the load starts (``Resource._read`` waits for more).
         file = await self._downloads.open(
