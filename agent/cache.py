@@ -275,10 +275,9 @@ class BigPartCache:
             self._parts[path] = _Part(used=self._tick())
         if size > self.max_bytes:
             logger.warning(
-                "big part {}/{} ({} bytes) is larger than the whole model cache ({} bytes, "
+                "big part {} ({} bytes) is larger than the whole model cache ({} bytes, "
                 "LOADER_CACHE_MAX_BYTES): it is loaded, and not kept",
-                quote(path.parent.name),
-                path.name,
+                quote(f"{path.parent.name}/{path.name}"),
                 size,
                 self.max_bytes,
             )
@@ -454,9 +453,8 @@ class BigPartCache:
             except OSError as exc:
                 logger.warning("cannot remove {} from the model cache: {}", file.name, exc.strerror)
         logger.info(
-            "model cache: removed big part {}/{} ({} bytes): {}",
-            quote(path.parent.name),
-            path.name,
+            "model cache: removed big part {} ({} bytes): {}",
+            quote(f"{path.parent.name}/{path.name}"),
             size,
             why,
         )
