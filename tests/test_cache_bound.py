@@ -223,6 +223,33 @@ def test_a_resource_replaced_by_another_device_leaves_an_orphan_the_next_load_re
     assert status["orphans_removed"] == 1 and status["evictions"] == 0
 
 
+def test_an_orphan_a_load_reads_goes_when_that_load_ends(
+    make_device: Device, publisher: AgentProcess
+) -> None:
+    old_data = pattern(24 * MiB, 1)
+    old = upload(publisher, "model", old_data)
+    device = make_device()
+    assert load(device, "model") == old_data
+    reader = UnixConnection(device.socket_path, timeout=60)
+    try:
+        reader.request(
+            "POST", "/load/model", b'{"folder": "models"}', {"Content-Type": "application/json"}
+        )
+        answer = reader.getresponse()  # reads the old part; the client stops reading
+        assert answer.status == 200
+        first = answer.read(1000)
+        new_data = pattern(MiB, 2)
+        new = upload(publisher, "model", new_data)
+        assert load(device, "model") == new_data
+        assert cached(device) == {old, new}  # the old part is an orphan, but being read
+        assert cache_status(device)["orphans_removed"] == 0
+        assert first + answer.read() == old_data
+    finally:
+        reader.close()
+    wait_for(lambda: cached(device) == {new}, 10, "the orphan to go once its load ended")
+    assert cache_status(device)["orphans_removed"] == 1
+
+
 # -- the index ---------------------------------------------------------------------------------
 
 
