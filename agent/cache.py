@@ -37,10 +37,14 @@ the spools of uploads (transient). Two things take space back:
 
 Which part each resource uses, when each part was last used (a counter, not the clock: devices
 may boot with no RTC) and which parts are orphans survive restarts in ``.index.json`` in the
-cache dir, written atomically (``agent.durable``) at most once per ``INDEX_WRITE_INTERVAL``, in a
-worker thread, and at close. It is read with bounds; one that cannot be read is rebuilt from the
-files (their access or modification time as the LRU order). The files on disk always decide
-what exists and how big it is; the index only orders them.
+cache dir, written atomically (``agent.durable``) in a worker thread when what the cache holds
+changes (a part in or out, a resource's part, an orphan; changes during a write are written
+together after it), and at close. A load of a part already cached changes only the order of
+use: that is written with the next change (a power cut may lose it: harmless, the order only
+picks victims). A cache that holds nothing has no index file (removed at once).
+It is read with bounds; one that cannot be read is rebuilt from the files (their access or
+modification time as the LRU order). The files on disk always decide what exists and how big
+it is; the index only orders them and links them to resources.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ import json
 import os
 import re
 import secrets
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +81,6 @@ INDEX_MAX_BYTES = 8 * 1024 * 1024  # an index file larger than this is not read:
 INDEX_MAX_ENTRIES = 65536  # parts or resources an index may list; more: rebuilt
 MAX_PARTS = 16384  # parts kept at most (past it, the least recently used go, as over the bound)
 MAX_REFS = 16384  # resources remembered at most (those whose part is gone are forgotten first)
-INDEX_WRITE_INTERVAL = 1.0  # seconds between two writes of the index (changes are coalesced)
 CLOCK_MAX = 1 << 62
 
 
@@ -178,7 +182,11 @@ class BigPartCache:
         self._clock = 0
         self._readers: collections.Counter[Path] = collections.Counter()
         self._writing: dict[Path, int] = {}  # downloads in flight: the part's whole size
-        self._dirty = False
+        # The index on disk: ``_version`` counts the changes, ``_written`` is the one on disk
+        # (a write of an older version that comes late is skipped: ``_store_index``).
+        self._version = 0
+        self._written = 0
+        self._index_lock = threading.Lock()
         self._closed = False
         self._flushing: asyncio.Task[None] | None = None
         self._write_failed = False
@@ -205,6 +213,7 @@ class BigPartCache:
         try:
             stamp = _Stamp.of(path)
         except FileNotFoundError:
+            self._note_gone(path)  # removed behind the cache's back, if it was there
             return False
         if stamp.size == size and self._verified.get(path) == stamp:
             return True
@@ -223,6 +232,10 @@ class BigPartCache:
         """Drop a cached part (found corrupt); the next fetch downloads it again."""
         self._verified.pop(path, None)
         path.unlink(missing_ok=True)
+        self._note_gone(path)
+
+    def _note_gone(self, path: Path) -> None:
+        """The complete file at ``path`` is no more (a partial one may still be there)."""
         part = self._parts.get(path)
         if part is not None and part.complete:
             part.complete, part.size = False, 0
@@ -358,15 +371,18 @@ class BigPartCache:
         key = (folder, check_component(name, "name"))
         before = self._refs.pop(key, None)
         self._refs[key] = big_name  # last in the dict: the most recently recorded
+        changed = before != big_name
         part = self._parts.get(path)
         if part is not None:
+            changed |= part.orphan
             part.used, part.orphan = self._tick(), False
         if before is not None and before != big_name and not self._in_use_by_any(folder, before):
             stale = self._parts.get(self.root / folder / before)
             if stale is not None:
                 stale.orphan = True
         self._trim_refs()
-        self._changed()
+        if changed:  # else only the order of use changed: written with the next change
+            self._changed()
         self._sweep()
 
     def _in_use_by_any(self, folder: str, big_name: str) -> bool:
@@ -461,7 +477,9 @@ class BigPartCache:
         self._changed()
 
     def _tick(self) -> int:
+        """The clock of use, one step on; the index is written with the next change."""
         self._clock = min(self._clock + 1, CLOCK_MAX)
+        self._version += 1
         return self._clock
 
     # -- the index -------------------------------------------------------------------------
@@ -474,6 +492,7 @@ class BigPartCache:
         """The parts on disk, ordered and linked to their resources by the index (rebuilt
         from the files' times if it cannot be read)."""
         complete, partial = _scan(self.root)
+        rebuilt = False
         try:
             clock, used, orphans, refs = _parse_index(self.index_path)
         except (FileNotFoundError, NotADirectoryError):  # a new cache, or none at all
@@ -482,9 +501,9 @@ class BigPartCache:
             reason = exc.strerror if isinstance(exc, OSError) else str(exc)
             logger.warning("model cache index unreadable ({}): rebuilt from the files", reason)
             clock, used, orphans, refs = 0, {}, set(), {}
-            self._dirty = True
+            rebuilt = True
         self._clock = clock
-        found = {**{path: st for path, st in partial.items()}, **complete}
+        found = {**partial, **complete}
         # Files the index does not know (written after its last write): the most recent.
         unknown = sorted(
             (path for path in found if self._key(path) not in used),
@@ -501,7 +520,7 @@ class BigPartCache:
         self._refs = {
             key: big for key, big in refs.items() if self.root / key[0] / big in self._parts
         }
-        if self._dirty or unknown or len(used) != len(self._parts):
+        if rebuilt or unknown or len(used) != len(self._parts):
             self._changed()
 
     @staticmethod
@@ -522,9 +541,13 @@ class BigPartCache:
         return json.dumps(document, separators=(",", ":")).encode()
 
     def _changed(self) -> None:
-        """The index is to be written: soon, in a worker thread, if a loop runs (else at the
-        next change or at ``close``)."""
-        self._dirty = True
+        """What the cache holds changed: the index is written now, in a worker thread, if a
+        loop runs (else at the next change or at ``close``); changes meanwhile are written
+        together once that write ends. A cache that holds nothing has no index file, at once."""
+        self._version += 1
+        if not self._parts:
+            self._store_index(self._version, None)  # an unlink (it may wait for a write)
+            return
         if self._flushing is not None or self._closed:
             return
         try:
@@ -535,32 +558,34 @@ class BigPartCache:
 
     async def _flush_soon(self) -> None:
         try:
-            while self._dirty:
-                self._dirty = False
-                writing = asyncio.ensure_future(
-                    asyncio.to_thread(self._write_index, self._encode_index())
-                )
+            while self._version > self._written:
+                version, data = self._version, self._encode_index()
+                writing = asyncio.ensure_future(asyncio.to_thread(self._store_index, version, data))
                 try:
                     await asyncio.shield(writing)
                 except asyncio.CancelledError:
                     await asyncio.wait((writing,))  # no write of the index outlives close()
                     raise
-                await asyncio.sleep(INDEX_WRITE_INTERVAL)
         finally:
             self._flushing = None
 
-    def _write_index(self, data: bytes | None) -> None:
-        try:
-            if data is None:
-                self.index_path.unlink(missing_ok=True)
-            else:
-                write_atomically(self.index_path, data)
-        except OSError as exc:
-            if not self._write_failed:
-                logger.warning("cannot write the model cache index: {}", exc.strerror)
-            self._write_failed = True
-        else:
-            self._write_failed = False
+    def _store_index(self, version: int, data: bytes | None) -> None:
+        """Write ``data`` (None: remove the file) as the index's ``version``, unless a later
+        one is on disk already (any thread)."""
+        with self._index_lock:
+            if version <= self._written:
+                return
+            try:
+                if data is None:
+                    self.index_path.unlink(missing_ok=True)
+                else:
+                    write_atomically(self.index_path, data)
+            except OSError as exc:
+                if not self._write_failed:
+                    logger.warning("cannot write the model cache index: {}", exc.strerror)
+                self._write_failed = True
+                return
+            self._written, self._write_failed = version, False
 
     async def close(self) -> None:
         """Write what changed since the index was last written (later changes are left to
@@ -570,9 +595,8 @@ class BigPartCache:
         if flushing is not None:
             flushing.cancel()
             await asyncio.gather(flushing, return_exceptions=True)
-        if self._dirty:
-            self._dirty = False
-            await asyncio.to_thread(self._write_index, self._encode_index())
+        if self._version > self._written:
+            await asyncio.to_thread(self._store_index, self._version, self._encode_index())
 
     # -- housekeeping ----------------------------------------------------------------------
 
