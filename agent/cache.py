@@ -177,7 +177,12 @@ class BigPartCache:
         self.evictions = 0
         self.orphans_removed = 0
         self._verified: dict[Path, _Stamp] = {}
-        self._parts: dict[Path, _Part] = {}
+        self._parts: dict[Path, _Part] = {}  # changed only through _put, _set and _pop
+        # Kept as the parts change, so that a load costs the same however many are cached.
+        self._complete_bytes = 0
+        self._complete_count = 0
+        self._incomplete: set[Path] = set()  # parts with only a partial file (few)
+        self._orphans: set[Path] = set()
         self._refs: dict[tuple[str, str], str] = {}  # (folder, name) -> big part's name
         self._clock = 0
         self._readers: collections.Counter[Path] = collections.Counter()
@@ -238,9 +243,9 @@ class BigPartCache:
         """The complete file at ``path`` is no more (a partial one may still be there)."""
         part = self._parts.get(path)
         if part is not None and part.complete:
-            part.complete, part.size = False, 0
+            self._set(path, part, complete=False, size=0)
             if path not in self._writing and not Partial.path_of(path).exists():
-                del self._parts[path]
+                self._pop(path)
             self._changed()
 
     def open(self, path: Path) -> io.BufferedReader:
@@ -285,7 +290,7 @@ class BigPartCache:
         path = partial.target
         self._writing[path] = size
         if path not in self._parts:
-            self._parts[path] = _Part(used=self._tick())
+            self._put(path, _Part(used=self._tick()))
         if size > self.max_bytes:
             logger.warning(
                 "big part {} ({} bytes) is larger than the whole model cache ({} bytes, "
@@ -303,7 +308,7 @@ class BigPartCache:
         self._writing.pop(path, None)
         part = self._parts.get(path)
         if part is not None and not part.complete and not Partial.path_of(path).exists():
-            del self._parts[path]
+            self._pop(path)
             self._changed()
         self._sweep()
 
@@ -355,10 +360,39 @@ class BigPartCache:
     def _note_complete(self, path: Path, size: int) -> None:
         part = self._parts.get(path)
         if part is None:
-            part = self._parts[path] = _Part(used=self._tick())
+            part = self._put(path, _Part(used=self._tick()))
         if not part.complete or part.size != size:
-            part.complete, part.size = True, size
+            self._set(path, part, complete=True, size=size)
             self._changed()
+
+    def _put(self, path: Path, part: _Part) -> _Part:
+        self._parts[path] = part
+        self._count(path, part, 1)
+        return part
+
+    def _set(self, path: Path, part: _Part, **changes: Any) -> None:
+        self._count(path, part, -1)
+        for name, value in changes.items():
+            setattr(part, name, value)
+        self._count(path, part, 1)
+
+    def _pop(self, path: Path) -> _Part:
+        part = self._parts.pop(path)
+        self._count(path, part, -1)
+        return part
+
+    def _count(self, path: Path, part: _Part, sign: int) -> None:
+        if part.complete:
+            self._complete_bytes += sign * part.size
+            self._complete_count += sign
+        elif sign > 0:
+            self._incomplete.add(path)
+        else:
+            self._incomplete.discard(path)
+        if part.orphan and sign > 0:
+            self._orphans.add(path)
+        elif part.orphan:
+            self._orphans.discard(path)
 
     # -- use, orphans and the bound ----------------------------------------------------------
 
@@ -374,12 +408,15 @@ class BigPartCache:
         changed = before != big_name
         part = self._parts.get(path)
         if part is not None:
-            changed |= part.orphan
-            part.used, part.orphan = self._tick(), False
+            part.used = self._tick()
+            if part.orphan:
+                changed = True
+                self._set(path, part, orphan=False)
         if before is not None and before != big_name and not self._in_use_by_any(folder, before):
-            stale = self._parts.get(self.root / folder / before)
+            stale_path = self.root / folder / before
+            stale = self._parts.get(stale_path)
             if stale is not None:
-                stale.orphan = True
+                self._set(stale_path, stale, orphan=True)
         self._trim_refs()
         if changed:  # else only the order of use changed: written with the next change
             self._changed()
@@ -407,14 +444,19 @@ class BigPartCache:
         self._sweep()
 
     def usage(self) -> CacheUsage:
-        parts = self._parts.items()
         return CacheUsage(
-            used_bytes=sum(self._bytes_of(path, part, reserved=False) for path, part in parts),
+            used_bytes=self._used(reserved=False),
             max_bytes=self.max_bytes,
-            parts=sum(1 for _, part in parts if part.complete),
+            parts=self._complete_count,
             evictions=self.evictions,
             orphans_removed=self.orphans_removed,
         )
+
+    def _used(self, *, reserved: bool) -> int:
+        partial = (
+            self._bytes_of(path, self._parts[path], reserved=reserved) for path in self._incomplete
+        )
+        return self._complete_bytes + sum(partial)
 
     def _bytes_of(self, path: Path, part: _Part, *, reserved: bool) -> int:
         """A part's bytes on disk; a download in flight counts for its whole size if
@@ -432,21 +474,20 @@ class BigPartCache:
         self._evict()
 
     def _remove_orphans(self) -> None:
-        for path, part in list(self._parts.items()):
-            if part.orphan and not self._in_use(path):
-                self._remove(path, "no resource uses it any more")
-                self.orphans_removed += 1
+        for path in [path for path in self._orphans if not self._in_use(path)]:
+            self._remove(path, "no resource uses it any more")
+            self.orphans_removed += 1
 
     def _evict(self, keep: Path | None = None) -> None:
         """Evict parts nobody uses, least recently used first (one larger than the whole
         bound before any other), until the cache is within its bound and ``MAX_PARTS``."""
-        sizes = {
-            path: self._bytes_of(path, part, reserved=True) for path, part in self._parts.items()
-        }
-        over = sum(sizes.values()) - self.max_bytes
+        over = self._used(reserved=True) - self.max_bytes
         too_many = len(self._parts) - MAX_PARTS
         if over <= 0 and too_many <= 0:
             return
+        sizes = {
+            path: self._bytes_of(path, part, reserved=True) for path, part in self._parts.items()
+        }
         candidates = sorted(
             (path for path in self._parts if path != keep and not self._in_use(path)),
             key=lambda path: (sizes[path] <= self.max_bytes, self._parts[path].used),
@@ -454,13 +495,17 @@ class BigPartCache:
         for path in candidates:
             if over <= 0 and too_many <= 0:
                 return
+            if not sizes[path] and not self._parts[path].complete:  # its partial file is gone
+                self._pop(path)
+                too_many -= 1
+                continue
             self._remove(path, f"least recently used; the cache was {over} bytes over its bound")
             self.evictions += 1
             over -= sizes[path]
             too_many -= 1
 
     def _remove(self, path: Path, why: str) -> None:
-        part = self._parts.pop(path)
+        part = self._pop(path)
         size = self._bytes_of(path, part, reserved=False)
         self._verified.pop(path, None)
         for file in (path, Partial.path_of(path)):
@@ -512,11 +557,11 @@ class BigPartCache:
         for path in found:
             key = self._key(path)
             if key in used:
-                self._parts[path] = _Part(used=used[key], orphan=key in orphans)
+                self._put(path, _Part(used=used[key], orphan=key in orphans))
         for path in unknown:
-            self._parts[path] = _Part(used=self._tick())
+            self._put(path, _Part(used=self._tick()))
         for path, st in complete.items():
-            self._parts[path].complete, self._parts[path].size = True, st.st_size
+            self._set(path, self._parts[path], complete=True, size=st.st_size)
         self._refs = {
             key: big for key, big in refs.items() if self.root / key[0] / big in self._parts
         }
@@ -562,19 +607,21 @@ class BigPartCache:
                 version, data = self._version, self._encode_index()
                 writing = asyncio.ensure_future(asyncio.to_thread(self._store_index, version, data))
                 try:
-                    await asyncio.shield(writing)
+                    stored = await asyncio.shield(writing)
                 except asyncio.CancelledError:
                     await asyncio.wait((writing,))  # no write of the index outlives close()
                     raise
+                if not stored:
+                    return  # (said once in the journal) tried again at the next change
         finally:
             self._flushing = None
 
-    def _store_index(self, version: int, data: bytes | None) -> None:
+    def _store_index(self, version: int, data: bytes | None) -> bool:
         """Write ``data`` (None: remove the file) as the index's ``version``, unless a later
-        one is on disk already (any thread)."""
+        one is on disk already (any thread); False if it could not be written."""
         with self._index_lock:
             if version <= self._written:
-                return
+                return True
             try:
                 if data is None:
                     self.index_path.unlink(missing_ok=True)
@@ -584,8 +631,9 @@ class BigPartCache:
                 if not self._write_failed:
                     logger.warning("cannot write the model cache index: {}", exc.strerror)
                 self._write_failed = True
-                return
+                return False
             self._written, self._write_failed = version, False
+            return True
 
     async def close(self) -> None:
         """Write what changed since the index was last written (later changes are left to
