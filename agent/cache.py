@@ -389,10 +389,14 @@ class BigPartCache:
             self._incomplete.add(path)
         else:
             self._incomplete.discard(path)
+            if not self._incomplete:  # a set keeps its size: iterating it would not be free
+                self._incomplete = set()
         if part.orphan and sign > 0:
             self._orphans.add(path)
         elif part.orphan:
             self._orphans.discard(path)
+            if not self._orphans:
+                self._orphans = set()
 
     # -- use, orphans and the bound ----------------------------------------------------------
 
@@ -554,14 +558,18 @@ class BigPartCache:
             (path for path in found if self._key(path) not in used),
             key=lambda path: max(found[path].st_atime_ns, found[path].st_mtime_ns),
         )
-        for path in found:
+        for path in [*(path for path in found if self._key(path) in used), *unknown]:
             key = self._key(path)
-            if key in used:
-                self._put(path, _Part(used=used[key], orphan=key in orphans))
-        for path in unknown:
-            self._put(path, _Part(used=self._tick()))
-        for path, st in complete.items():
-            self._set(path, self._parts[path], complete=True, size=st.st_size)
+            st = complete.get(path)
+            self._put(
+                path,
+                _Part(
+                    used=used[key] if key in used else self._tick(),
+                    size=0 if st is None else st.st_size,
+                    complete=st is not None,
+                    orphan=key in orphans,
+                ),
+            )
         self._refs = {
             key: big for key, big in refs.items() if self.root / key[0] / big in self._parts
         }
