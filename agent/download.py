@@ -227,7 +227,8 @@ class BigPartDownloads:
 
     async def fetch(self, folder: str, name: str, size: int, sha256: bytes, *, what: str) -> Path:
         """The path of the intact part, downloading (or resuming) it if needed; one download
-        per part however many callers ask at once. ``what`` names it in messages."""
+        per part however many callers ask at once. ``what`` names it in messages. The part is
+        not held: the cache may evict it once this returns (``open`` holds it)."""
         path = self._cache.path(folder, name)
         download = await self._join(path, folder, name, size, sha256, what)
         try:
