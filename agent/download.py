@@ -30,7 +30,9 @@ afresh, so a long download over a flaky link goes on as long as it makes progres
 never ends is cut off (504), and no retry undoes that. A 416 (the partial copy and the CDN
 disagree) drops the partial file and starts over once, and so does content whose length or
 SHA-256 differs from the small part's record; the second time it is a 502. Before it starts,
-the cache's file system must have room for what is missing (``BigPartCache.check_free_space``).
+the cache makes room for it within its bound and its file system must have room for what is
+missing (``BigPartCache.make_room``); while it runs, and while loads read the part, the cache
+does not evict it.
 A download that fails for good drops its partial file.
 
 ``stats`` counts hits (an intact part on disk), misses (a download was needed) and the
@@ -226,7 +228,8 @@ class BigPartDownloads:
 
     async def fetch(self, folder: str, name: str, size: int, sha256: bytes, *, what: str) -> Path:
         """The path of the intact part, downloading (or resuming) it if needed; one download
-        per part however many callers ask at once. ``what`` names it in messages."""
+        per part however many callers ask at once. ``what`` names it in messages. The part is
+        not held: the cache may evict it once this returns (``open`` holds it)."""
         path = self._cache.path(folder, name)
         download = await self._join(path, folder, name, size, sha256, what)
         try:
@@ -255,8 +258,9 @@ class BigPartDownloads:
                 return io.BufferedReader(growing)
             self._leave(path, download)
             try:
-                # Held open from here: a concurrent drop of the file cannot pull it away.
-                return path.open("rb")
+                # Held open from here: a concurrent drop of the file cannot pull it away, and
+                # the cache does not evict it until the load closes it.
+                return self._cache.open(path)
             except FileNotFoundError:  # dropped between the check and now: again
                 if last_try:
                     raise UpstreamError(f"the cached {what} keeps disappearing") from None
@@ -274,15 +278,16 @@ class BigPartDownloads:
                 await asyncio.shield(task)  # its result, or its error
                 return None
             if download.size > ahead and progress.written >= ahead:
+                unhold = self._cache.hold(path)  # not evicted while this load reads it
+
+                def release(unhold: Callable[[], None] = unhold) -> None:
+                    unhold()
+                    self._leave(path, download)
+
                 try:
-                    return GrowingFile(
-                        self._cache.partial_path(path),
-                        download,
-                        deadline,
-                        lambda: self._leave(path, download),
-                    )
+                    return GrowingFile(self._cache.partial_path(path), download, deadline, release)
                 except FileNotFoundError:
-                    pass  # dropped right now: the progress says what comes next
+                    unhold()  # dropped right now: the progress says what comes next
             await _next_change(download, deadline)
 
     async def _join(
@@ -335,11 +340,13 @@ class BigPartDownloads:
             task.exception()  # retrieved here, so a download nobody waits for logs no warning
 
     async def close(self) -> None:
-        """Cancel downloads in flight (partial files stay, to be resumed next time)."""
+        """Cancel downloads in flight (partial files stay, to be resumed next time); the
+        cache writes its index."""
         tasks = [download.task for download in self._inflight.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._cache.close()
 
     async def _ensure(self, path: Path, size: int, sha256: bytes, source: _Source) -> Path:
         if await self._cache.is_intact(path, size, sha256):
@@ -356,11 +363,13 @@ class BigPartDownloads:
         except BaseException:
             partial.drop()  # failed for good: nothing may pile up on the disk
             raise
+        finally:
+            self._cache.done_writing(path)
 
     async def _download_verified(
         self, partial: Partial, size: int, sha256: bytes, source: _Source
     ) -> Path:
-        self._cache.check_free_space(partial.target, size - partial.size)
+        self._cache.make_room(partial, size)  # evicts what the bound asks; 507 if the disk is full
         source.progress.announce(partial.size)  # what an earlier run left is followed too
         for fresh_start in (False, True):
             if fresh_start:

@@ -9,7 +9,8 @@ apps, or test agents, in one process never mix their numbers. Two kinds of sourc
 - What the services count themselves is read from them at scrape time (``ServicesCollector``):
   the unlock's state, stage durations and retries (``UnlockManager.stats``), the bytes decrypted
   (``ResourceStore.stats``, ``UnlockManager.stats``), cache hits and misses and the retries of
-  the API client and of the big-part downloads (``ResourceStore.downloads.stats``). The services
+  the API client and of the big-part downloads (``ResourceStore.downloads.stats``), the cache's
+  use, bound and removals (``ResourceStore.cache.usage()``). The services
   keep plain counters (an addition per block on the hot path, no lock, no prometheus_client in
   the core modules), and ``agent.service`` builds them without knowing about metrics.
 
@@ -201,6 +202,24 @@ class ServicesCollector:
         lookups.add_metric(["hit"], downloads.hits)
         lookups.add_metric(["miss"], downloads.misses)
         yield lookups
+
+        usage = resources.cache.usage()
+        for name, what, value in (
+            ("bytes", "Bytes of big parts in the model cache, partial downloads included",
+             usage.used_bytes),
+            ("limit_bytes", "The model cache's bound (LOADER_CACHE_MAX_BYTES)", usage.max_bytes),
+            ("parts", "Complete big parts in the model cache", usage.parts),
+        ):  # fmt: skip
+            yield GaugeMetricFamily(f"{PREFIX}_cache_{name}", what, value=value)
+        removals = CounterMetricFamily(
+            f"{PREFIX}_cache_removals",
+            "Big parts removed from the model cache: evicted (least recently used, over its "
+            "bound) or orphan (no resource uses them any more)",
+            labels=["reason"],
+        )
+        removals.add_metric(["evicted"], usage.evictions)
+        removals.add_metric(["orphan"], usage.orphans_removed)
+        yield removals
 
         retries = CounterMetricFamily(
             f"{PREFIX}_retries",

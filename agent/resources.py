@@ -343,6 +343,7 @@ class ResourceStore:
         folder, name, size = prepared.folder, prepared.name, prepared.size
         small = dataclasses.replace(prepared.small, signature=signature)
         big_path = self._cache.commit(prepared.spool, folder, small.big_name)
+        self._cache.record_use(folder, name, small.big_name)  # an earlier upload's: orphan
         stored_big = False
         try:
             await self._api.put_big_part(
@@ -398,6 +399,7 @@ class ResourceStore:
         trust = await self._trust()
         what = f"resource {folder}/{name}"
         trust.admit(small.signature, what)  # unsigned or untrusted: refused before downloading
+        self._cache.record_use(folder, name, small.big_name)  # the part it used before: orphan
         # From the cache, or following the download as it writes the file: once the big
         # part's key fragment is on disk, the load starts (``Resource._read`` waits for more).
         file = await self._downloads.open(

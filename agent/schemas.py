@@ -137,6 +137,18 @@ class SignatureStatus(BaseModel):
     problems: list[str]  # key files that could not be read (they trust nothing)
 
 
+class CacheStatus(BaseModel):
+    """The big-part cache (``MODEL_CACHE_DIR``) against its bound (``LOADER_CACHE_MAX_BYTES``)."""
+
+    used_bytes: int = Field(description="complete big parts and partial downloads on disk")
+    max_bytes: int = Field(description="the bound; parts no load reads are evicted past it")
+    parts: int = Field(description="complete big parts cached")
+    evictions: int = Field(description="parts evicted (least recently used) since start")
+    orphans_removed: int = Field(
+        description="parts removed since start because no resource uses them any more"
+    )
+
+
 class StatusResponse(BaseModel):
     status: Literal["healthy"]
     version: str
@@ -144,6 +156,7 @@ class StatusResponse(BaseModel):
     modelCacheDir: str  # the original service's field name
     unlock: UnlockStatus
     signatures: SignatureStatus
+    cache: CacheStatus
 
 
 class LoginResponse(BaseModel):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import re
 import socket
@@ -42,6 +43,7 @@ from agent.routes import (
 )
 from agent.schemas import (
     NAME_PATTERN,
+    CacheStatus,
     HealthResponse,
     LoadRequest,
     LoginRequest,
@@ -380,6 +382,7 @@ async def status(request: web.Request) -> web.Response:
         modelCacheDir=str(services.settings.model_cache_dir),
         unlock=services.unlock.snapshot(),
         signatures=signature_status(services.settings.loader_publishers_dir),
+        cache=CacheStatus(**dataclasses.asdict(services.resources.cache.usage())),
     )
     return model_response(body)
 

@@ -83,6 +83,7 @@ def build_services(settings: Settings, notifier: Notifier, access: AccessPolicy)
         load_buffer_bytes=settings.loader_load_buffer_mib * MiB,
         publishers_dir=settings.loader_publishers_dir,
     )
+    resources.cache.set_max_bytes(settings.loader_cache_max_bytes)  # None: a share of its disk
     return Services(settings=settings, api=api, resources=resources, unlock=unlock, access=access)
 
 

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     loader_auto_unlock: bool = True
     loader_state_dir: Path = Path("/var/lib/azaion-loader")
     model_cache_dir: Path = Path("/var/cache/azaion-loader")
+    # The most the big-part cache keeps (bytes); unset: a quarter of its file system, when the
+    # agent starts (agent.cache.default_max_bytes).
+    loader_cache_max_bytes: int | None = None
     loader_device_fragment_path: Path | None = None
     # Publisher keys the device trusts (*.pub); with one installed, everything must be signed.
     loader_publishers_dir: Path = Path("/etc/azaion-loader/publishers.d")
@@ -67,6 +70,16 @@ class Settings(BaseSettings):
     # Groups whose members (besides root and the agent's own user) may call the endpoints that
     # change state or return protected data; resolved when serve starts (agent.peers).
     loader_allowed_groups: str = "azaion-loader"
+
+    @field_validator("loader_cache_max_bytes")
+    @classmethod
+    def _cache_bound(cls, value: int | None) -> int | None:
+        if value is not None and value <= 0:
+            raise ValueError(
+                "must be a number of bytes greater than 0 (unset: a quarter of the cache's "
+                "file system)"
+            )
+        return value
 
     @field_validator("loader_log_level")
     @classmethod
