@@ -82,6 +82,8 @@ def build_services(settings: Settings, notifier: Notifier, access: AccessPolicy)
         max_resource_bytes=settings.loader_max_resource_bytes,
         load_buffer_bytes=settings.loader_load_buffer_mib * MiB,
         publishers_dir=settings.loader_publishers_dir,
+        state_dir=settings.loader_state_dir,
+        allow_downgrade=settings.loader_allow_downgrade,
     )
     resources.cache.set_max_bytes(settings.loader_cache_max_bytes)  # None: a share of its disk
     return Services(settings=settings, api=api, resources=resources, unlock=unlock, access=access)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import hashlib
 import json
 import os
@@ -253,6 +254,30 @@ class TrustStore:
             )
         return cls(keys=keys, problems=tuple(problems), enforced=bool(paths))
 
+    @classmethod
+    def current(cls, directory: Path) -> TrustStore:
+        """``load``, but read again only when the directory or one of its key files changed
+        (their inode, size, mtime or ctime: a key added, removed, replaced, rewritten in place
+        or made unreadable): for what runs at every load. ~4x cheaper than reading."""
+        try:
+            with os.scandir(directory) as entries:
+                files = sorted(
+                    (entry.name, entry.stat())
+                    for entry in entries
+                    if entry.name.endswith(PUBLIC_KEY_SUFFIX)
+                )
+            fingerprint = tuple(
+                (name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for name, st in files
+            )
+        except OSError:
+            return cls.load(directory)  # says what is wrong, or that nothing is installed
+        known = _CURRENT.get(directory)
+        if known is not None and known[0] == fingerprint:
+            return known[1]
+        store = cls.load(directory)
+        _CURRENT[directory] = (fingerprint, store)
+        return store
+
     def key_names(self) -> list[str]:
         return sorted(key.name for key in self.keys.values())
 
@@ -298,12 +323,31 @@ class TrustStore:
             raise SignatureError(f"{what} was altered after signing (its SHA-256 differs)")
         if signed.manifest_sha256 != expected.manifest_sha256:
             raise SignatureError(f"{what} holds a manifest other than the one signed")
-        try:
-            key.verifier().verify(block.signature, signed.encode())
-        except InvalidSignature:
-            raise SignatureError(
-                f"{what}: the signature by key {key.name} does not verify (forged or damaged)"
-            ) from None
+        _check_signature(key, block, what)
+
+
+_CURRENT: dict[Path, tuple[tuple[tuple[str, int, int, int, int], ...], TrustStore]] = {}
+_VERIFIED: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+VERIFIED_MEMORY = 1024  # signatures remembered as good (a resource's is checked at every load)
+
+
+def _check_signature(key: PublicKey, block: SignatureBlock, what: str) -> None:
+    """Ed25519-verify ``block`` with ``key`` (~70 us), unless this very key, statement and
+    signature verified before: the outcome of a verification never changes, and a resource's
+    small part, fetched and checked at every load, is the same each time."""
+    remembered = key.raw + block.pack()
+    if remembered in _VERIFIED:
+        _VERIFIED.move_to_end(remembered)
+        return
+    try:
+        key.verifier().verify(block.signature, block.statement.encode())
+    except InvalidSignature:
+        raise SignatureError(
+            f"{what}: the signature by key {key.name} does not verify (forged or damaged)"
+        ) from None
+    _VERIFIED[remembered] = None
+    if len(_VERIFIED) > VERIFIED_MEMORY:
+        _VERIFIED.popitem(last=False)
 
 
 # -- statements and blocks ----------------------------------------------------------------------

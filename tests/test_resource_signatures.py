@@ -7,21 +7,24 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from loguru import logger
 
-from agent import resources, signing
+from agent import releases, resources, signing
 from agent.api_client import ResourceApiClient
 from agent.errors import (
     ConflictError,
     NotFoundError,
     RequestError,
+    RollbackRefused,
     SignatureError,
     UpstreamNotFound,
 )
@@ -70,10 +73,22 @@ class Rig:
         self.made.append(client)
         return client
 
-    def store(self, publishers: Path | None = None) -> ResourceStore:
-        """A device trusting ``publishers`` (by default the rig's publisher)."""
+    def store(
+        self,
+        publishers: Path | None = None,
+        state: Path | None = None,
+        allow_downgrade: bool = False,
+    ) -> ResourceStore:
+        """A device trusting ``publishers`` (by default the rig's publisher), keeping its
+        record of resource releases in ``state`` (by default in memory)."""
         cache = self.root / f"cache-{len(self.made)}"
-        store = ResourceStore(self.client(), cache, publishers_dir=publishers or self.publishers)
+        store = ResourceStore(
+            self.client(),
+            cache,
+            publishers_dir=publishers or self.publishers,
+            state_dir=state,
+            allow_downgrade=allow_downgrade,
+        )
         self.made.append(store)
         return store
 
@@ -87,6 +102,15 @@ async def rig(shared_dev_api: DevApi, tmp_path: Path) -> AsyncIterator[Rig]:
     made = Rig(shared_dev_api, tmp_path)
     yield made
     await made.close()
+
+
+@pytest.fixture
+def journal() -> Iterator[list[str]]:
+    """What the agent's code logs meanwhile, a line each: level, then message."""
+    lines: list[str] = []
+    sink = logger.add(lines.append, format="{level} {message}", level="DEBUG")
+    yield lines
+    logger.remove(sink)
 
 
 def data_of(size: int, seed: int) -> bytes:
@@ -295,6 +319,52 @@ async def test_uploads_waiting_for_a_signature_are_bounded_and_expire(
 
 def spools_of(store: ResourceStore) -> list[Path]:
     return [p for p in cached_files(store) if p.name.startswith(".upload-")]
+
+
+async def test_an_older_signed_release_of_a_resource_is_refused_after_a_newer_one(
+    rig: Rig, journal: list[str]
+) -> None:
+    uploader, state = rig.store(), rig.root / "state"
+    device = rig.store(state=state)
+    key = rig.publisher.private
+    await signed_upload(uploader, key, "models", "m.bin", data_of(SIZE, 10), release=5)
+    assert await load(device, "models", "m.bin") == data_of(SIZE, 10)
+    record = json.loads((state / releases.FILE_NAME).read_text())
+    assert record == {"version": 1, "releases": {"models/m.bin": 5}}
+    # The API puts back an older signed release under the same name.
+    await signed_upload(uploader, key, "models", "m.bin", data_of(SIZE, 11), release=3)
+    with pytest.raises(RollbackRefused, match="release 3, older than release 5") as refused:
+        await device.open("models", "m.bin")
+    assert "models/m.bin" in str(refused.value) and "LOADER_ALLOW_DOWNGRADE" in str(refused.value)
+    restarted = rig.store(state=state)  # the record survives a restart
+    with pytest.raises(RollbackRefused):
+        await restarted.open("models", "m.bin")
+    # The operator allows it for one boot: it loads, said at warning, and the record follows.
+    allowed = rig.store(state=state, allow_downgrade=True)
+    assert await load(allowed, "models", "m.bin") == data_of(SIZE, 11)
+    assert any("WARNING" in line and "LOADER_ALLOW_DOWNGRADE" in line for line in journal)
+    assert json.loads((state / releases.FILE_NAME).read_text())["releases"] == {"models/m.bin": 3}
+    # A newer release always loads, and is recorded.
+    await signed_upload(uploader, key, "models", "m.bin", data_of(SIZE, 12), release=6)
+    assert await load(rig.store(state=state), "models", "m.bin") == data_of(SIZE, 12)
+    assert json.loads((state / releases.FILE_NAME).read_text())["releases"] == {"models/m.bin": 6}
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"{not json", b'{"version": 2, "releases": {}}', b'{"version": 1, "releases": {"x": 1}}',
+     b'{"version": 1, "releases": {"a/b": -1}}', b"[" * 100_000],
+    ids=["not-json", "version", "name", "release", "deep"],
+)  # fmt: skip
+def test_a_release_record_that_cannot_be_read_is_set_aside(
+    tmp_path: Path, content: bytes, journal: list[str]
+) -> None:
+    (tmp_path / releases.FILE_NAME).write_bytes(content)
+    record = releases.ResourceReleases(tmp_path)
+    assert record.check("a", "b", 1)  # afresh: nothing known
+    assert (tmp_path / (releases.FILE_NAME + ".corrupt")).read_bytes() == content
+    assert not (tmp_path / releases.FILE_NAME).exists()
+    assert any("WARNING" in line and "cannot be read" in line for line in journal)
 
 
 # -- the real agent and CLI ---------------------------------------------------------------------

@@ -332,3 +332,25 @@ def test_publisher_keygen_cli_prints_the_public_line_and_refuses_to_overwrite(
     again = cli("publisher-keygen", "--out", out)
     assert_failed_with_one_line(again, 1)
     assert b"never overwritten" in again.stderr and out.read_bytes() == before
+
+
+def test_the_current_trust_store_follows_every_change_of_the_key_files(tmp_path: Path) -> None:
+    """``TrustStore.current`` (looked at every load) reads again whenever a key file is added,
+    removed, rewritten in place or made unreadable, and only then."""
+    keys = tmp_path / "publishers.d"
+    keys.mkdir()
+    assert not signing.TrustStore.current(keys).enforced
+    first = signing.write_key_pair(tmp_path / "first.key")
+    (keys / "first.pub").write_text(first.to_line())
+    store = signing.TrustStore.current(keys)
+    assert store.key_names() == [first.name]
+    assert signing.TrustStore.current(keys) is store  # unchanged: not read again
+    second = signing.write_key_pair(tmp_path / "second.key")
+    with (keys / "first.pub").open("r+") as file:  # rewritten in place, same length
+        file.write(second.to_line()[: len(first.to_line())].ljust(len(first.to_line())))
+    assert signing.TrustStore.current(keys).key_names() == [second.name]
+    (keys / "first.pub").write_text("not a key\n")
+    broken = signing.TrustStore.current(keys)
+    assert broken.enforced and not broken.keys and broken.problems
+    (keys / "first.pub").unlink()
+    assert not signing.TrustStore.current(keys).enforced
