@@ -523,8 +523,13 @@ def failed_at_credentials(machine: Machine, unit: str) -> bool:
 # -- Debian 12 -> 13 --------------------------------------------------------------------------
 
 
+CACHE_INDEX = "/var/cache/azaion-loader/.index.json"
+
+
 def snapshot(machine: Machine) -> dict[str, str]:
-    """Every file under the agent's state, cache and credentials: owner, mode and content."""
+    """Every file under the agent's state, cache and credentials: owner, mode and content;
+    but the cache's index, its own record of which part was used last (written as loads use
+    parts, and remade from the files when missing), which the agent changes by design."""
     listing = machine.run(
         ["find", *STATE_DIRS, "-printf", "%p %u:%g %m %y\n"], check=False
     ).stdout.splitlines()
@@ -533,6 +538,7 @@ def snapshot(machine: Machine) -> dict[str, str]:
     return {
         line.split()[0]: " ".join(line.split()[1:]) + " " + digests.get(line.split()[0], "")
         for line in listing
+        if not line.startswith(CACHE_INDEX + " ")
     }
 
 
