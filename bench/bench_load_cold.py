@@ -32,28 +32,36 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
-import json
 import os
-import secrets
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.api_client import ResourceApiClient
-from agent.localclient import AgentClient, UnixConnection
-from azaion_loader_dev.harness.agent import AgentProcess, agent_env
-from azaion_loader_dev.harness.devapi import DevApi, new_dev_api
-from azaion_loader_dev.harness.measure import MIB, RawDecrypt, cpu_seconds, make_plaintext
+from load_common import (
+    cdn_download,
+    check_one_load,
+    drop_cached,
+    machine,
+    pid_of,
+    scratch,
+    socket_load,
+    start_agent,
+    upload,
+)
+
+from azaion_loader_dev.harness.agent import AgentProcess
+from azaion_loader_dev.harness.devapi import new_dev_api
+from azaion_loader_dev.harness.measure import (
+    MIB,
+    RawDecrypt,
+    cpu_seconds,
+    file_digest,
+    make_plaintext,
+)
 
 GOAL = 1.25
-READ_BLOCK = MIB
-LOAD_TIMEOUT = 120.0  # seconds without a byte of a /load answer
-FOLDER = "bench"
 NAME = "model"
 CASES = ("cdn", "raw", "cold")
 
@@ -85,44 +93,11 @@ class RateResult:
         return statistics.median(run.cpu.get(key, 0.0) for run in self.runs)
 
 
-def cold_load(socket_path: Path, digest: hashlib._Hash | None = None) -> tuple[float, float, int]:
+def cold_load(socket_path: Path) -> tuple[float, float, int]:
     """``POST /load``: (seconds to the first body byte, seconds to the last, bytes)."""
     start = time.perf_counter()
-    conn = UnixConnection(socket_path, timeout=LOAD_TIMEOUT)
-    try:
-        body = json.dumps({"folder": FOLDER}).encode()
-        conn.request("POST", f"/load/{NAME}", body, {"Content-Type": "application/json"})
-        response = conn.getresponse()
-        if response.status != 200:
-            raise SystemExit(f"/load/{NAME} answered {response.status}: {response.read()!r}")
-        buffer = memoryview(bytearray(READ_BLOCK))
-        first_byte = 0.0
-        total = 0
-        while count := response.readinto(buffer):
-            if not total:
-                first_byte = time.perf_counter() - start
-            total += count
-            if digest is not None:
-                digest.update(buffer[:count])
-        return first_byte, time.perf_counter() - start, total
-    finally:
-        conn.close()
-
-
-async def raw_download(api: DevApi, big_name: str) -> float:
-    async with ResourceApiClient(api.url) as client:
-        client.set_credentials(api.email, api.password)
-        await client.login()
-        start = time.perf_counter()
-        async for _ in client.iter_big_part(FOLDER, big_name):
-            pass
-        return time.perf_counter() - start
-
-
-def drop_cached(agent: AgentProcess, big_name: str) -> None:
-    directory = Path(agent.env["MODEL_CACHE_DIR"]) / FOLDER
-    for path in (directory / big_name, directory / f".{big_name}.part"):
-        path.unlink(missing_ok=True)
+    loaded = socket_load(socket_path, NAME)
+    return loaded.first_byte - start, time.perf_counter() - start, loaded.size
 
 
 def bench_rate(root: Path, rate_mib: float, size_mib: float, runs: int) -> RateResult:
@@ -133,33 +108,21 @@ def bench_rate(root: Path, rate_mib: float, size_mib: float, runs: int) -> RateR
     agent: AgentProcess | None = None
     source = where / "plain"
     try:
-        (where / "agent").mkdir(parents=True)
-        env = agent_env(
-            where / "agent",
-            RESOURCE_API_URL=api.url,
-            LOADER_HTTP_PORT="0",
-            LOADER_LOG_LEVEL="INFO",
-            AZAION_EMAIL=api.email,
-            AZAION_PASSWORD=api.password,
-        )
-        agent = AgentProcess(where / "agent", env).start()
+        agent = start_agent(where / "agent", api, LOADER_HTTP_PORT="0")
         size = int(size_mib * MIB)
         make_plaintext(source, size)
-        uploaded = AgentClient(agent.socket_path, timeout=600).upload(source, FOLDER, NAME)
+        uploaded = upload(agent, source, NAME)
         big_name = str(uploaded["big_sha256"])
-        expected = hashlib.sha256(source.read_bytes()).hexdigest()
         drop_cached(agent, big_name)
-        digest = hashlib.sha256()
-        if cold_load(agent.socket_path, digest)[2] != size or digest.hexdigest() != expected:
-            raise SystemExit("a cold /load did not send the plaintext")
+        check_one_load(agent, NAME, size, file_digest(source))  # cold: the cache was dropped
         raw = RawDecrypt(int(uploaded["big_size"]))
-        assert agent.proc is not None and api.process is not None
-        pids = {"agent": agent.proc.pid, "dev-api": api.process.pid, "client": "self"}
+        assert api.process is not None
+        pids = {"agent": pid_of(agent), "dev-api": api.process.pid, "client": "self"}
 
         def measured(run: Run, case: str) -> None:
             before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             if case == "cdn":
-                run.seconds[case] = asyncio.run(raw_download(api, big_name))
+                run.seconds[case] = asyncio.run(cdn_download(api, big_name))["seconds"]
             elif case == "raw":
                 run.seconds[case] = raw.run()["seconds"]
             else:
@@ -233,13 +196,9 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, default=None, help="scratch directory (/tmp)")
     args = parser.parse_args()
     rates = [float(rate) for rate in args.cdn_rates.split(",")]
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}")
-    # A short directory: a Unix socket path must fit in 108 bytes.
-    root = Path(tempfile.mkdtemp(prefix=f"blc-{secrets.token_hex(2)}-", dir=args.dir or "/tmp"))
-    try:
+    print(machine())
+    with scratch("blc", args.dir) as root:
         results = [bench_rate(root, rate, args.size_mib, args.runs) for rate in rates]
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
     met = {result.rate_mib: report(result) for result in results}
     judged = [rate for rate in met if rate] or list(met)
     print(f"\njudged at: {', '.join(f'{rate:g} MiB/s' if rate else 'uncapped' for rate in judged)}")

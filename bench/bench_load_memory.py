@@ -29,55 +29,34 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
 import os
-import secrets
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+from load_common import (
+    FOLDER,
+    Probe,
+    machine,
+    pid_of,
+    quantile_ms,
+    scratch,
+    start_agent,
+    upload,
+)
 
-from agent.localclient import AgentClient, UnixConnection
-from azaion_loader_dev.harness.agent import AgentProcess, agent_env
-from azaion_loader_dev.harness.devapi import DevApi, new_dev_api
+from azaion_loader_dev.harness.agent import AgentProcess
+from azaion_loader_dev.harness.devapi import new_dev_api
 from azaion_loader_dev.harness.measure import reset_peak_rss, status_kib
 
 MB = 1000 * 1000
 RSS_GOAL_MIB = 128
 STATUS_P99_GOAL_MS = 20.0
-PROBE_PAUSE = 0.005
 READ_SIZE = 256 * 1024
-FOLDER = "bench"
 NAME = "model.bin"
-
-
-def start_agent(root: Path, api: DevApi, tree: Path | None) -> AgentProcess:
-    """A fresh agent logged in to ``api``; with ``tree``, that checkout's agent."""
-    root.mkdir(parents=True, exist_ok=True)
-    env = agent_env(
-        root,
-        RESOURCE_API_URL=api.url,
-        LOADER_LOG_LEVEL="INFO",
-        AZAION_EMAIL=api.email,
-        AZAION_PASSWORD=api.password,
-    )
-    agent = AgentProcess(root, env)
-    if tree is not None:
-        run = f"import sys, runpy; sys.path.insert(0, {str(tree)!r}); runpy.run_module('agent')"
-        agent.argv = [sys.executable, "-c", run, "serve"]
-    return agent.start()
-
-
-def pid_of(agent: AgentProcess) -> int:
-    assert agent.proc is not None
-    return agent.proc.pid
 
 
 def pool_peak_mib(agent: AgentProcess) -> float | None:
@@ -87,59 +66,6 @@ def pool_peak_mib(agent: AgentProcess) -> float | None:
         if line.startswith("azaion_loader_load_buffer_peak_bytes "):
             return float(line.split()[1]) / (1 << 20)
     return None
-
-
-# -- the /status probe, in its own process ------------------------------------------------------
-
-
-def status_once(socket_path: Path) -> float:
-    start = time.perf_counter()
-    conn = UnixConnection(socket_path, timeout=10.0)
-    try:
-        conn.request("GET", "/status")
-        response = conn.getresponse()
-        response.read()
-        if response.status != 200:
-            raise RuntimeError(f"/status answered {response.status}")
-    finally:
-        conn.close()
-    return time.perf_counter() - start
-
-
-def probe_child(socket_path: Path) -> None:
-    """``--probe``: ask /status until stdin closes; print the latencies (s) as JSON."""
-    stop = threading.Event()
-
-    def wait_for_stdin_to_close() -> None:
-        sys.stdin.read()
-        stop.set()
-
-    threading.Thread(target=wait_for_stdin_to_close, daemon=True).start()
-    samples: list[float] = []
-    print("ready", flush=True)
-    while not stop.is_set():
-        samples.append(status_once(socket_path))
-        time.sleep(PROBE_PAUSE)
-    print(json.dumps(samples), flush=True)
-
-
-class StatusProbe:
-    def __init__(self, socket_path: Path) -> None:
-        self._process = subprocess.Popen(
-            [sys.executable, __file__, "--probe", str(socket_path)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self._process.stdout is not None
-        if self._process.stdout.readline().strip() != "ready":
-            raise SystemExit("the /status probe did not start")
-
-    def latencies(self) -> list[float]:
-        out, _ = self._process.communicate("", timeout=60)
-        if self._process.returncode != 0:
-            raise SystemExit("the /status probe failed")
-        return [float(seconds) for seconds in json.loads(out)]
 
 
 # -- the loads ----------------------------------------------------------------------------------
@@ -187,7 +113,7 @@ def one_run(agent: AgentProcess, result: TreeResult, args: argparse.Namespace, s
     result.single_peak_mib.append(status_kib(pid, "VmHWM") / 1024)
     result.inexact += sum(answer != (sha, size) for answer in answers)
     reset_peak_rss(pid)
-    probe = StatusProbe(agent.socket_path)
+    probe = Probe(agent.socket_path, "/status")
     seconds, answers = asyncio.run(loads(agent, args.loads))
     result.status += probe.latencies()
     result.many_s.append(seconds)
@@ -196,11 +122,6 @@ def one_run(agent: AgentProcess, result: TreeResult, args: argparse.Namespace, s
     pool = pool_peak_mib(agent)
     if pool is not None:
         result.pool_peak_mib.append(pool)
-
-
-def quantile_ms(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def report(results: list[TreeResult], args: argparse.Namespace) -> bool:
@@ -248,19 +169,7 @@ def report(results: list[TreeResult], args: argparse.Namespace) -> bool:
     return ok
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--loads", type=int, default=50)
-    parser.add_argument("--size-mb", type=int, default=50)
-    parser.add_argument("--compare", type=Path, help="another checkout's agent, interleaved")
-    parser.add_argument("--probe", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.probe is not None:
-        probe_child(args.probe)
-        return 0
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}")
-    root = Path(tempfile.mkdtemp(prefix=f"blm-{secrets.token_hex(2)}-", dir="/tmp"))
+def bench(root: Path, args: argparse.Namespace) -> list[TreeResult]:
     api = new_dev_api(root / "dev-api")
     agents: dict[str, AgentProcess] = {}
     try:
@@ -277,7 +186,7 @@ def main() -> int:
             agent = start_agent(root / f"agent-{index}", api, tree)
             agents[label] = agent
             if index == 0:
-                AgentClient(agent.socket_path, timeout=600).upload(source, FOLDER, NAME)
+                upload(agent, source, NAME)
             asyncio.run(loads(agent, 1))  # the cache is warm from here on
             results.append(TreeResult(label, idle_mib=status_kib(pid_of(agent)) / 1024))
         for run in range(args.runs):
@@ -288,7 +197,19 @@ def main() -> int:
         for agent in agents.values():
             agent.stop()
         api.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--loads", type=int, default=50)
+    parser.add_argument("--size-mb", type=int, default=50)
+    parser.add_argument("--compare", type=Path, help="another checkout's agent, interleaved")
+    args = parser.parse_args()
+    print(machine())
+    with scratch("blm") as root:
+        results = bench(root, args)
     ok = report(results, args)
     print(f"\ngoals: {'met' if ok else 'MISSED'}; load average now {os.getloadavg()[0]:.1f}")
     return 0 if ok else 1

@@ -51,178 +51,61 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
-import http.client
-import json
 import os
-import secrets
 import shutil
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from load_common import (
+    READ_BLOCK,
+    Probe,
+    Timing,
+    cdn_download,
+    check_one_load,
+    drop_cached,
+    machine,
+    pid_of,
+    quantile_ms,
+    scratch,
+    socket_load,
+    start_agent,
+    tcp_load,
+    upload,
+)
 
 from agent import stream
-from agent.api_client import ResourceApiClient
-from agent.localclient import AgentClient, UnixConnection
 from agent.server import LOAD_SEND_BUFFER
-from azaion_loader_dev.harness.agent import AgentProcess, agent_env
+from azaion_loader_dev.harness.agent import AgentProcess
 from azaion_loader_dev.harness.devapi import DevApi, new_dev_api
 from azaion_loader_dev.harness.measure import (
     MIB,
     RawDecrypt,
     cpu_seconds,
+    file_digest,
     make_plaintext,
     reset_peak_rss,
     status_kib,
     thread_cpu_seconds,
 )
 
-READ_BLOCK = MIB  # the /load client and the plaintext read both take 1 MiB at a time
 WARM_RATIO_GOAL = 0.8  # of the raw decrypt...
 FLOOR_RATIO_GOAL = 0.9  # ...or of the C floor on the same transport
 RSS_GOAL_MIB = 100
 HEALTH_P99_GOAL_MS = 20.0
 PLAIN_SEND_CHUNKS = 3  # the plain loop's sends: 192 KiB
-PROBE_PAUSE = 0.005  # between /health probes: a steady trickle, not a flood
-LOAD_TIMEOUT = 120.0  # seconds without a byte of a /load answer
-FOLDER = "bench"
-
-Timing = dict[str, float]  # "seconds" (wall) and "cpu"
-
-
-# -- talking to the agent over its socket ----------------------------------------------------------
-
-
-def socket_load(socket_path: Path, name: str, digest: Any = None) -> int:
-    """``POST /load/<name>`` over the socket, the body read 1 MiB at a time into one buffer;
-    the byte count."""
-    return http_load(UnixConnection(socket_path, timeout=LOAD_TIMEOUT), name, digest)
-
-
-def tcp_load(port: int, name: str, digest: Any = None) -> int:
-    """The same over loopback TCP."""
-    return http_load(
-        http.client.HTTPConnection("127.0.0.1", port, timeout=LOAD_TIMEOUT), name, digest
-    )
-
-
-def http_load(conn: http.client.HTTPConnection, name: str, digest: Any = None) -> int:
-    try:
-        body = json.dumps({"folder": FOLDER}).encode()
-        conn.request("POST", f"/load/{name}", body, {"Content-Type": "application/json"})
-        response = conn.getresponse()
-        if response.status != 200:
-            raise SystemExit(f"/load/{name} answered {response.status}: {response.read()!r}")
-        buffer = memoryview(bytearray(READ_BLOCK))
-        total = 0
-        while count := response.readinto(buffer):
-            total += count
-            if digest is not None:
-                digest.update(buffer[:count])
-        return total
-    finally:
-        conn.close()
-
-
-def health_once(socket_path: Path) -> float:
-    """Seconds for one ``GET /health`` on a new connection, as a local app would make it."""
-    start = time.perf_counter()
-    conn = UnixConnection(socket_path, timeout=10.0)
-    try:
-        conn.request("GET", "/health")
-        response = conn.getresponse()
-        response.read()
-        if response.status != 200:
-            raise RuntimeError(f"/health answered {response.status}")
-    finally:
-        conn.close()
-    return time.perf_counter() - start
-
-
-def probe_child(socket_path: Path) -> None:
-    """``--probe``: ask /health until stdin closes; print [[monotonic start, seconds], ...]."""
-    stop = threading.Event()
-
-    def wait_for_stdin_to_close() -> None:
-        sys.stdin.read()
-        stop.set()
-
-    threading.Thread(target=wait_for_stdin_to_close, daemon=True).start()
-    samples: list[tuple[float, float]] = []
-    print("ready", flush=True)
-    while not stop.is_set():
-        started = time.monotonic()
-        samples.append((started, health_once(socket_path)))
-        time.sleep(PROBE_PAUSE)
-    print(json.dumps(samples), flush=True)
-
-
-class HealthProbe:
-    """A separate process asking ``/health`` while a load runs (so its waits are the agent's,
-    not this process's)."""
-
-    def __init__(self, socket_path: Path) -> None:
-        self._process = subprocess.Popen(
-            [sys.executable, __file__, "--probe", str(socket_path)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self._process.stdout is not None
-        if self._process.stdout.readline().strip() != "ready":
-            raise SystemExit("the /health probe did not start")
-
-    def latencies(self, start: float, end: float) -> list[float]:
-        """Stop; the latencies (s) of the probes started between ``start`` and ``end``."""
-        out, _ = self._process.communicate("")
-        if self._process.returncode != 0:
-            raise SystemExit("the /health probe failed")
-        return [seconds for at, seconds in json.loads(out) if start <= at <= end]
 
 
 # -- the agent process -----------------------------------------------------------------------------
 
 
-def start_agent(root: Path, api: DevApi, tree: Path | None = None) -> AgentProcess:
-    """A fresh agent logged in to ``api``, at the log level a device runs at; with ``tree``,
-    that checkout's agent (``--compare``)."""
-    root.mkdir(parents=True, exist_ok=True)
-    env = agent_env(
-        root,
-        RESOURCE_API_URL=api.url,
-        LOADER_LOG_LEVEL="INFO",
-        AZAION_EMAIL=api.email,
-        AZAION_PASSWORD=api.password,
-    )
-    agent = AgentProcess(root, env)
-    if tree is not None:
-        run = f"import sys, runpy; sys.path.insert(0, {str(tree)!r}); runpy.run_module('agent')"
-        agent.argv = [sys.executable, "-c", run, "serve"]
-    return agent.start()
-
-
-def agent_pid(agent: AgentProcess) -> int:
-    assert agent.proc is not None
-    return agent.proc.pid
-
-
 def memory_mib(agent: AgentProcess, field_name: str) -> float:
-    return status_kib(agent_pid(agent), field_name) / 1024
-
-
-def drop_cached(agent: AgentProcess, big_name: str) -> None:
-    """Delete the cached big part (and any partial download): the next load fetches it."""
-    directory = Path(agent.env["MODEL_CACHE_DIR"]) / FOLDER
-    for path in (directory / big_name, directory / f".{big_name}.part"):
-        path.unlink(missing_ok=True)
+    return status_kib(pid_of(agent), field_name) / 1024
 
 
 # -- the cases -------------------------------------------------------------------------------------
@@ -235,16 +118,6 @@ def read_plaintext(path: Path) -> Timing:
         while file.readinto(buffer):
             pass
     return {"seconds": time.perf_counter() - wall, "cpu": cpu_seconds() - cpu}
-
-
-async def cdn_download(api: DevApi, big_name: str) -> Timing:
-    async with ResourceApiClient(api.url) as client:
-        client.set_credentials(api.email, api.password)
-        await client.login()
-        wall, cpu = time.perf_counter(), cpu_seconds()
-        async for _ in client.iter_big_part(FOLDER, big_name):
-            pass
-        return {"seconds": time.perf_counter() - wall, "cpu": cpu_seconds() - cpu}
 
 
 DRAIN = """
@@ -358,29 +231,21 @@ def agent_load(
 ) -> Timing:
     """One ``/load``, timed; with ``latencies``, /health is probed meanwhile and its latencies
     (seconds) appended."""
-    probe = HealthProbe(agent.socket_path) if latencies is not None else None
-    start, wall, cpu = time.monotonic(), time.perf_counter(), thread_cpu_seconds(agent_pid(agent))
+    probe = Probe(agent.socket_path, "/health") if latencies is not None else None
+    start, wall, cpu = time.monotonic(), time.perf_counter(), thread_cpu_seconds(pid_of(agent))
     if transport == "unix":
-        received = socket_load(agent.socket_path, name)
+        received = socket_load(agent.socket_path, name).size
     else:
-        received = tcp_load(agent.port, name)
+        received = tcp_load(agent.port, name).size
     timing = {
         "seconds": time.perf_counter() - wall,
-        "cpu": thread_cpu_seconds(agent_pid(agent)) - cpu,
+        "cpu": thread_cpu_seconds(pid_of(agent)) - cpu,
     }
     if probe is not None and latencies is not None:
         latencies += probe.latencies(start, time.monotonic())
     if received != size:
         raise SystemExit(f"/load/{name} sent {received} bytes, not {size}")
     return timing
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while block := file.read(READ_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # -- one size --------------------------------------------------------------------------------------
@@ -425,8 +290,7 @@ class SizeResult:
         return statistics.median(c / b for c, b in pairs)
 
     def health_ms(self, quantile: float) -> float:
-        ordered = sorted(self.health)
-        return 1000 * ordered[min(len(ordered) - 1, int(quantile * len(ordered)))]
+        return quantile_ms(self.health, quantile)
 
 
 def bench_size(
@@ -441,21 +305,21 @@ def bench_size(
     try:
         result.rss_idle_mib = memory_mib(agent, "VmRSS")
         wall = time.perf_counter()
-        uploaded = AgentClient(agent.socket_path, timeout=600).upload(source, FOLDER, name)
+        uploaded = upload(agent, source, name)
         result.upload_mib_s = size_mib / (time.perf_counter() - wall)
         result.rss_upload_mib = memory_mib(agent, "VmHWM")
         big_name = str(uploaded["big_sha256"])
-        check_one_load(agent, name, size, sha256_of(source))
+        check_one_load(agent, name, size, file_digest(source))
         before = None
         if compare is not None:
             before = start_agent(root / f"before-{size_mib}", api, compare)
-            check_one_load(before, name, size, sha256_of(source))
+            check_one_load(before, name, size, file_digest(source))
         raw = RawDecrypt(size)
         plain = PlainLoop(raw, root / f"{name}.records")
         floor = Floor(raw, root / f"{name}.records", root)
 
         def measured(case: str, action: Callable[[], Timing]) -> None:
-            result.rss_reset = reset_peak_rss(agent_pid(agent)) and result.rss_reset
+            result.rss_reset = reset_peak_rss(pid_of(agent)) and result.rss_reset
             result.record(case, action())
             peak = memory_mib(agent, "VmHWM")
             result.peak_rss_mib[case] = max(result.peak_rss_mib.get(case, 0.0), peak)
@@ -488,13 +352,6 @@ def bench_size(
     for case in ("raw", "read", "cdn", "plain", "floor", "floor_tcp", "copy", "copy_tcp"):
         result.peak_rss_mib.pop(case, None)
     return result
-
-
-def check_one_load(agent: AgentProcess, name: str, size: int, expected_sha256: str) -> None:
-    digest = hashlib.sha256()
-    received = socket_load(agent.socket_path, name, digest)
-    if received != size or digest.hexdigest() != expected_sha256:
-        raise SystemExit(f"/load/{name} sent {received} bytes that are not the plaintext")
 
 
 # -- the report ------------------------------------------------------------------------------------
@@ -597,22 +454,16 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5, help="runs per case (default 5)")
     parser.add_argument("--dir", type=Path, default=None, help="scratch directory (/tmp)")
     parser.add_argument("--compare", type=Path, help="another checkout's agent, interleaved")
-    parser.add_argument("--probe", type=Path, help=argparse.SUPPRESS)  # the /health prober
     args = parser.parse_args()
-    if args.probe is not None:
-        probe_child(args.probe)
-        return 0
     sizes = [int(size) for size in args.sizes_mib.split(",")]
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}")
-    # A short directory: a Unix socket path must fit in 108 bytes.
-    root = Path(tempfile.mkdtemp(prefix=f"bls-{secrets.token_hex(2)}-", dir=args.dir or "/tmp"))
-    api = new_dev_api(root / "dev-api")
-    try:
-        compare = args.compare.resolve() if args.compare is not None else None
-        results = [bench_size(api, root, size, args.runs, compare) for size in sizes]
-    finally:
-        api.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    print(machine())
+    with scratch("bls", args.dir) as root:
+        api = new_dev_api(root / "dev-api")
+        try:
+            compare = args.compare.resolve() if args.compare is not None else None
+            results = [bench_size(api, root, size, args.runs, compare) for size in sizes]
+        finally:
+            api.stop()
     ok = report(results, args.runs)
     print(f"\ngoals: {'met' if ok else 'MISSED'}; load average now {os.getloadavg()[0]:.1f}")
     return 0 if ok else 1

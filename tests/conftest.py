@@ -10,5 +10,6 @@ pytest_plugins = [
     "tests.fixtures.dockerd",
     "tests.fixtures.secretwatch",
     "tests.fixtures.hostile",  # after the watch: it tells the watch its secrets
+    "tests.fixtures.release",
     "tests.fixtures.users",
 ]

@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -28,16 +28,43 @@ from tests.fixtures.dockerd import Dockerd, import_image
 from tests.test_notify import NotifyListener
 
 MakeAgent = Callable[..., AgentProcess]
+T = TypeVar("T")
 pytestmark = pytest.mark.docker
+
+
+def publish_image(dockerd: Dockerd, dev_api: DevApi, ref: str, directory: Path) -> str:
+    """An image of its own as ``ref``, published into ``directory / "images.enc"``: the device
+    gets the archive, the API the fragment, and the engine forgets the image. Its ID."""
+    image_id = import_image(dockerd.client, ref)
+    directory.mkdir(exist_ok=True)
+    publish(dockerd, dev_api, ref, image_id, directory)
+    return image_id
+
+
+def unlocked(agent: AgentProcess, context: str = "") -> subprocess.CompletedProcess[str]:
+    """``azaion-loader unlock --wait``, which must end ready (exit 0)."""
+    waited = agent.cli("unlock", "--wait")
+    assert waited.returncode == 0, f"{context}{waited.stderr}{agent.log()[-3000:]}"
+    return waited
+
+
+def poll(agent: AgentProcess, probe: Callable[[], T | None], what: str, timeout: float = 60) -> T:
+    """``probe`` until it gives something (an observable state, with a deadline), or fail with
+    the agent's last /unlock/status and its log."""
+    deadline = time.monotonic() + timeout
+    while (found := probe()) is None:
+        if time.monotonic() > deadline:
+            status = agent.request("GET", "/unlock/status").json()
+            pytest.fail(f"{what} within {timeout} s: {status}\n{agent.log()[-3000:]}")
+        time.sleep(0.05)
+    return found
 
 
 @pytest.fixture
 def packed_archive(dockerd: Dockerd, dev_api: DevApi, agent_root: Path) -> tuple[Path, str, str]:
     ref = f"azaion/boot-{secrets.token_hex(4)}:1.0"
-    image_id = import_image(dockerd.client, ref)
-    # The device gets the archive; the API gets the fragment; the engine forgets the image.
-    archive = publish(dockerd, dev_api, ref, image_id, agent_root)
-    return archive, ref, image_id
+    image_id = publish_image(dockerd, dev_api, ref, agent_root)
+    return agent_root / "images.enc", ref, image_id
 
 
 def test_boot_unlock_status_and_offline_restart(
@@ -64,9 +91,7 @@ def test_boot_unlock_status_and_offline_restart(
     assert statuses[0].startswith("serving; ")
     assert statuses[-1] == "serving; ready: 1 image loaded", statuses
     assert image_id in dockerd.image_ids()
-    waited = agent.cli("unlock", "--wait")
-    assert waited.returncode == 0, waited.stderr
-    assert "ready" in waited.stdout
+    assert "ready" in unlocked(agent).stdout
     status = agent.cli("status")
     assert "images:        ready" in status.stdout
     assert dev_api.password not in agent.log()
@@ -76,8 +101,7 @@ def test_boot_unlock_status_and_offline_restart(
     dev_api.stop()
     again = make_agent(start=False, **{**agent.env, "NOTIFY_SOCKET": ""})
     again.start()
-    waited = again.cli("unlock", "--wait")
-    assert waited.returncode == 0, waited.stderr + again.log()
+    unlocked(again)
     assert again.request("GET", "/unlock/status").json()["state"] == "ready"
     notify.sock.close()
 
@@ -116,18 +140,15 @@ def test_unlock_wait_reports_a_wrong_key_as_an_error(
     assert image_id not in dockerd.image_ids()
 
 
-def wait_for_release(agent: AgentProcess, image_id: str, timeout: float = 60.0) -> dict[str, Any]:
-    """Poll /unlock/status (an observable state, with a deadline) until the update that brings
-    ``image_id`` has been recorded, or fail with the last answer."""
-    deadline = time.monotonic() + timeout
-    while True:
+def wait_for_release(agent: AgentProcess, image_id: str) -> dict[str, Any]:
+    """/unlock/status once the update that brings ``image_id`` has been recorded."""
+
+    def ended() -> dict[str, Any] | None:
         status = agent.request("GET", "/unlock/status").json()
         update = status.get("update") or {}
-        if update.get("state") in ("ready", "error"):
-            return dict(status)
-        if time.monotonic() > deadline:
-            pytest.fail(f"no update within {timeout} s: {status}\n{agent.log()[-3000:]}")
-        time.sleep(0.05)
+        return dict(status) if update.get("state") in ("ready", "error") else None
+
+    return poll(agent, ended, "no update")
 
 
 def test_an_archive_put_in_place_while_serving_is_an_update_and_sighup_checks_again(
@@ -148,16 +169,12 @@ def test_an_archive_put_in_place_while_serving_is_an_update_and_sighup_checks_ag
     (link_dir / "images.enc").symlink_to(shipped / "images.enc")
     first.rename(shipped / "images.enc")
     agent = make_agent(**unlock_settings(dockerd, dev_api, link_dir / "images.enc"))
-    assert agent.cli("unlock", "--wait").returncode == 0
+    unlocked(agent)
     assert first_id in dockerd.image_ids()
 
     def publish_next(name: str) -> str:
         ref = f"azaion/boot-{secrets.token_hex(4)}:{name}"
-        image_id = import_image(dockerd.client, ref)
-        staging = agent_root / f"staging-{name}"
-        staging.mkdir()
-        publish(dockerd, dev_api, ref, image_id, staging)
-        return image_id
+        return publish_image(dockerd, dev_api, ref, agent_root / f"staging-{name}")
 
     second_id = publish_next("2")
     (agent_root / "staging-2" / "images.enc").rename(shipped / "images.enc")  # unseen by the watch
@@ -172,19 +189,17 @@ def test_an_archive_put_in_place_while_serving_is_an_update_and_sighup_checks_ag
     staged = link_dir / ".images.enc.new"
     (agent_root / "staging-3" / "images.enc").rename(staged)
     staged.rename(link_dir / "images.enc")  # renamed into place: the watch sees it
-    deadline = time.monotonic() + 60
 
     def held() -> set[str]:  # one listing: images may go while it runs
         return set(dockerd.client.api.images(all=True, quiet=True))
 
-    while True:  # done once release 3 is in and release 2 gone, and then the update says ready
+    def swapped_and_ready() -> dict[str, Any] | None:
+        """Release 3 in and release 2 gone, and then the update says ready."""
         swapped = third_id in held() and second_id not in held()
-        status = agent.request("GET", "/unlock/status").json()  # read after: not a stale one
-        if swapped and status["update"]["state"] == "ready":
-            break
-        if time.monotonic() > deadline:
-            pytest.fail(f"the renamed archive was not loaded: {status}\n{agent.log()[-3000:]}")
-        time.sleep(0.05)
+        status: dict[str, Any] = agent.request("GET", "/unlock/status").json()  # read after
+        return status if swapped and status["update"]["state"] == "ready" else None
+
+    status = poll(agent, swapped_and_ready, "the renamed archive was not loaded")
     assert status["state"] == "ready" and status["update"]["state"] == "ready", status
 
 
@@ -203,25 +218,22 @@ def test_a_power_cut_at_any_point_of_an_update_boots_ready_on_one_release(
     state_dir = agent_root / "state"
     settings["LOADER_STATE_DIR"] = str(state_dir)
     agent = make_agent(**settings)
-    assert agent.cli("unlock", "--wait").returncode == 0
+    unlocked(agent)
     rng = random.Random()
     seed = rng.randrange(1 << 30)
     rng.seed(seed)
     installed = first_id
     for step in range(5):
         ref = f"azaion/cut-{secrets.token_hex(4)}:{step}"
-        new_id = import_image(dockerd.client, ref)
         staging = agent_root / f"cut-{step}"
-        staging.mkdir()
-        publish(dockerd, dev_api, ref, new_id, staging)
+        new_id = publish_image(dockerd, dev_api, ref, staging)
         cut_after = rng.uniform(0.0, 0.4)
         (staging / "images.enc").rename(archive)  # the watch starts the update
         time.sleep(cut_after)  # the power cut's moment, not a wait for anything
         agent.stop(signal.SIGKILL)
 
         agent = make_agent(**settings)  # the next boot
-        booted = agent.cli("unlock", "--wait")
-        assert booted.returncode == 0, f"seed {seed} step {step}: {booted.stderr}{agent.log()}"
+        unlocked(agent, f"seed {seed} step {step}: ")
         record = read_record(state_dir)
         assert record is not None, f"seed {seed} step {step}"
         on = [image.id for image in record.images]

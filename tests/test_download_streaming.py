@@ -9,6 +9,7 @@ process, with a fresh cache.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +22,7 @@ from agent.api_client import ResourceApiClient
 from agent.errors import StreamError, UpstreamError
 from agent.resources import Resource, ResourceStore
 from agent.retry import RetryPolicy
-from tests.fixtures.hostile import Handler, HostileUpstream
+from tests.fixtures.hostile import Handler, HostileUpstream, answer
 
 FAST = RetryPolicy(base_delay=0.0, max_delay=0.0, max_attempts=5, max_total=60.0)
 MIB = 1024 * 1024
@@ -50,14 +51,14 @@ async def make_store(hostile: HostileUpstream, tmp_path: Path) -> AsyncIterator[
         await client.close()
 
 
-async def uploaded(make_store: StoreFactory) -> None:
+@pytest.fixture
+async def big(make_store: StoreFactory, hostile: HostileUpstream) -> bytes:
+    """The big part of ``DATA``, uploaded as models/model.bin (the CDN's only one)."""
+
     async def pieces() -> AsyncIterator[bytes]:
         yield DATA
 
     await make_store().upload("models", "model.bin", pieces())
-
-
-def big_part(hostile: HostileUpstream) -> bytes:
     [part] = hostile.big.values()
     return part
 
@@ -88,106 +89,107 @@ def held_back(
     return handle
 
 
-async def read_rest(resource: Resource) -> bytes:
-    blocks = [bytes(block) async for block in resource]  # a block is valid until the next
-    return b"".join(blocks)
+def in_turn(*handlers: Handler) -> Handler:
+    """The CDN's n-th request answered by the n-th handler, the last one's for the rest."""
+    calls: list[int] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        calls.append(1)
+        return await handlers[min(len(calls), len(handlers)) - 1](request)
+
+    return handle
 
 
-async def test_first_plaintext_leaves_while_the_cdn_body_is_held_back(
-    make_store: StoreFactory, hostile: HostileUpstream
-) -> None:
-    await uploaded(make_store)
-    release, sent = threading.Event(), threading.Event()
-    hostile.behave("cdn_get", held_back(big_part(hostile), release, sent=sent))
-    resource = await asyncio.wait_for(make_store().open("models", "model.bin"), WAIT)
+@contextlib.asynccontextmanager
+async def opened(store: ResourceStore, release: threading.Event) -> AsyncIterator[Resource]:
+    """models/model.bin opened on ``store``; at the end the CDN body is released (whatever the
+    test did) and the resource closed."""
+    resource = await asyncio.wait_for(store.open("models", "model.bin"), WAIT)
     try:
-        first = bytes(await asyncio.wait_for(anext(resource), WAIT))
-        assert not sent.is_set()  # the CDN has not sent the rest: this came while it waits
-        assert first and DATA.startswith(first)
-        release.set()
-        assert first + await asyncio.wait_for(read_rest(resource), WAIT) == DATA
+        yield resource
     finally:
         release.set()
         await resource.aclose()
+
+
+async def first_block(resource: Resource) -> bytes:
+    return bytes(await asyncio.wait_for(anext(resource), WAIT))
+
+
+async def the_rest(resource: Resource) -> bytes:
+    async def read() -> bytes:
+        blocks = [bytes(block) async for block in resource]  # a block is valid until the next
+        return b"".join(blocks)
+
+    return await asyncio.wait_for(read(), WAIT)
+
+
+def cdn_ranges(hostile: HostileUpstream) -> list[str | None]:
+    """The Range header of each request the CDN got."""
+    return [seen.headers.get("Range") for seen in hostile.requests("cdn_get")]
+
+
+async def test_first_plaintext_leaves_while_the_cdn_body_is_held_back(
+    make_store: StoreFactory, hostile: HostileUpstream, big: bytes
+) -> None:
+    release, sent = threading.Event(), threading.Event()
+    hostile.behave("cdn_get", held_back(big, release, sent=sent))
+    async with opened(make_store(), release) as resource:
+        first = await first_block(resource)
+        assert not sent.is_set()  # the CDN has not sent the rest: this came while it waits
+        assert first and DATA.startswith(first)
+        release.set()
+        assert first + await the_rest(resource) == DATA
     assert len(hostile.requests("cdn_get")) == 1
 
 
 async def test_a_cut_mid_body_is_resumed_and_the_load_gets_every_byte(
-    make_store: StoreFactory, hostile: HostileUpstream
+    make_store: StoreFactory, hostile: HostileUpstream, big: bytes
 ) -> None:
-    await uploaded(make_store)
-    part = big_part(hostile)
     release = threading.Event()
-    cut_once = held_back(part, release, cut=True)
-    honest = hostile.app_handler("cdn_get")
-
-    async def cut_then_honest(request: web.Request) -> web.StreamResponse:
-        if len(hostile.requests("cdn_get")) == 1:
-            return await cut_once(request)
-        return await honest(request)
-
-    hostile.behave("cdn_get", cut_then_honest)
-    resource = await asyncio.wait_for(make_store().open("models", "model.bin"), WAIT)
-    try:
-        first = bytes(await asyncio.wait_for(anext(resource), WAIT))
+    cut_once = held_back(big, release, cut=True)
+    hostile.behave("cdn_get", in_turn(cut_once, hostile.app_handler("cdn_get")))
+    async with opened(make_store(), release) as resource:
+        first = await first_block(resource)
         release.set()  # the CDN cuts the connection now, with the load under way
-        assert first + await asyncio.wait_for(read_rest(resource), WAIT) == DATA
-    finally:
-        release.set()
-        await resource.aclose()
-    ranges = [seen.headers.get("Range") for seen in hostile.requests("cdn_get")]
+        assert first + await the_rest(resource) == DATA
+    ranges = cdn_ranges(hostile)
     assert len(ranges) == 2 and ranges[0] is None
     assert ranges[1] is not None and int(ranges[1].removeprefix("bytes=").rstrip("-")) > 0
 
 
 async def test_a_download_started_afresh_is_followed_on_its_new_file(
-    make_store: StoreFactory, hostile: HostileUpstream
+    make_store: StoreFactory, hostile: HostileUpstream, big: bytes
 ) -> None:
     """Cut mid-body, then a 416 to the resumption: the download drops its partial file and
     starts over; the load, already under way on the old file, goes on on the new one."""
-    await uploaded(make_store)
-    part = big_part(hostile)
     release = threading.Event()
-    cut_once = held_back(part, release, cut=True)
-    honest = hostile.app_handler("cdn_get")
-
-    async def cut_then_416_then_honest(request: web.Request) -> web.StreamResponse:
-        count = len(hostile.requests("cdn_get"))
-        if count == 1:
-            return await cut_once(request)
-        if count == 2:
-            return web.Response(status=416)
-        return await honest(request)
-
-    hostile.behave("cdn_get", cut_then_416_then_honest)
-    resource = await asyncio.wait_for(make_store().open("models", "model.bin"), WAIT)
-    try:
-        first = bytes(await asyncio.wait_for(anext(resource), WAIT))
+    cut_once = held_back(big, release, cut=True)
+    refuse = answer(416, b"")
+    hostile.behave("cdn_get", in_turn(cut_once, refuse, hostile.app_handler("cdn_get")))
+    async with opened(make_store(), release) as resource:
+        first = await first_block(resource)
         release.set()
-        assert first + await asyncio.wait_for(read_rest(resource), WAIT) == DATA
-    finally:
-        release.set()
-        await resource.aclose()
-    ranges = [seen.headers.get("Range") for seen in hostile.requests("cdn_get")]
+        assert first + await the_rest(resource) == DATA
+    ranges = cdn_ranges(hostile)
     assert len(ranges) == 3 and ranges[0] is None and ranges[1] and ranges[2] is None
 
 
 async def test_concurrent_cold_loads_follow_one_download(
-    make_store: StoreFactory, hostile: HostileUpstream
+    make_store: StoreFactory, hostile: HostileUpstream, big: bytes
 ) -> None:
-    await uploaded(make_store)
     release, sent = threading.Event(), threading.Event()
-    hostile.behave("cdn_get", held_back(big_part(hostile), release, sent=sent))
+    hostile.behave("cdn_get", held_back(big, release, sent=sent))
     device = make_store()
     opening = [device.open("models", "model.bin") for _ in range(2)]
     resources = await asyncio.wait_for(asyncio.gather(*opening), WAIT)
     try:
         # Both have their first plaintext while the one download is held back mid-body.
-        firsts = [bytes(await asyncio.wait_for(anext(resource), WAIT)) for resource in resources]
+        firsts = [await first_block(resource) for resource in resources]
         assert not sent.is_set()
         release.set()
         for first, resource in zip(firsts, resources, strict=True):
-            assert first + await asyncio.wait_for(read_rest(resource), WAIT) == DATA
+            assert first + await the_rest(resource) == DATA
     finally:
         release.set()
         for resource in resources:
@@ -196,12 +198,13 @@ async def test_concurrent_cold_loads_follow_one_download(
 
 
 async def test_corrupt_last_bytes_cut_the_load_short_and_leave_nothing_cached(
-    make_store: StoreFactory, hostile: HostileUpstream
+    make_store: StoreFactory, hostile: HostileUpstream, big: bytes
 ) -> None:
-    await uploaded(make_store)
-    part = bytearray(big_part(hostile))
+    part = bytearray(big)
     part[-5] ^= 0x01
-    hostile.behave("cdn_get", answer_bytes(bytes(part)))
+    hostile.behave(
+        "cdn_get", answer(200, bytes(part), **{"Content-Type": "application/octet-stream"})
+    )
     device = make_store()
     handed_out = bytearray()
     with pytest.raises((StreamError, UpstreamError)):
@@ -214,10 +217,3 @@ async def test_corrupt_last_bytes_cut_the_load_short_and_leave_nothing_cached(
     assert DATA.startswith(handed_out)
     await device.close()  # any download still running ends (its partial file dropped)
     assert [p for p in device.cache.root.rglob("*") if p.is_file()] == []
-
-
-def answer_bytes(body: bytes) -> Handler:
-    async def handle(request: web.Request) -> web.Response:
-        return web.Response(body=body, content_type="application/octet-stream")
-
-    return handle

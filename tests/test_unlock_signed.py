@@ -1,5 +1,6 @@
 """Signed archives at the unlock: the real dockerd and dev-api, archives signed by
-``pack_images(..., sign_key=...)`` (agent/signing.py; docs/format.md, "Publisher signatures").
+``pack_images(..., sign_key=...)`` (agent/signing.py; docs/format.md, "Publisher signatures"),
+by the rig and publisher of ``tests/fixtures/release.py``.
 
 With a publisher key installed, only archives it signed load; the signature is verified in the
 load's one pass, before the held-back tail reaches the engine, so an archive whose stream
@@ -13,7 +14,6 @@ import hashlib
 import os
 import secrets
 import threading
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,22 +29,13 @@ from agent.archive import (
     payload_head,
 )
 from agent.errors import SignatureError
-from agent.images import ImageEngine
-from agent.pack import pack_images
 from agent.stream import decrypt_iter, encrypt_iter
 from agent.unlock import read_record
 from agent.unlock.pipeline import HOLDBACK, ArchiveReader, Trust, engine_body
-from tests.fixtures.devapi import DevApi
-from tests.fixtures.dockerd import Dockerd, import_image
-from tests.test_unlock import Rig, rig_over, unlock
+from tests.fixtures.release import Publisher
+from tests.test_unlock import Rig, unlock
 
 pytestmark = pytest.mark.docker
-
-
-@pytest.fixture
-async def rig(dockerd: Dockerd, shared_dev_api: DevApi, tmp_path: Path) -> AsyncIterator[Rig]:
-    async for made in rig_over(dockerd, shared_dev_api, tmp_path):
-        yield made
 
 
 @dataclass
@@ -54,38 +45,16 @@ class Signed:
     image_id: str
 
 
-def publisher(rig: Rig, name: str, *, trusted: bool) -> Path:
-    """A publisher key; its public half installed on the device if ``trusted``."""
-    key = rig.root / "keys" / f"{name}.key"
-    key.parent.mkdir(exist_ok=True)
-    public = signing.write_key_pair(key, name)
-    if trusted:
-        installed = rig.root / "publishers.d"
-        installed.mkdir(exist_ok=True)
-        (installed / f"{name}.pub").write_text(public.to_line())
-    return key
-
-
-def pack_signed(rig: Rig, key: Path | None, release: int) -> Signed:
-    dockerd: Dockerd = rig.dockerd
+def pack_signed(rig: Rig, by: Publisher | None, release: int) -> Signed:
+    """One image of its own, packed into the rig's archive (signed by ``by``, if any)."""
     ref = f"azaion/test-signed-{secrets.token_hex(4)}:1.0"
-    image_id = import_image(dockerd.client, ref)
-    with ImageEngine.connect(dockerd.host) as engine:
-        pack_images(
-            engine,
-            [ref],
-            rig.archive,
-            [rig.dev_api.key_fragment],
-            sign_key=None if key is None else signing.read_private_key(key),
-            release=release,
-        )
-    dockerd.client.images.remove(image_id, force=True)
-    return Signed(rig.archive, ref, image_id)
+    ids = (by or Publisher.unsigned(rig)).pack([ref], release)
+    return Signed(rig.archive, ref, ids[ref])
 
 
 async def test_a_signed_archive_loads_and_its_release_and_publisher_are_recorded(rig: Rig) -> None:
-    key = publisher(rig, "release-team", trusted=True)
-    signed = pack_signed(rig, key, release=3)
+    team = Publisher(rig, "release-team")
+    signed = pack_signed(rig, team, release=3)
     manager = rig.manager()
 
     result = await unlock(manager)
@@ -93,7 +62,7 @@ async def test_a_signed_archive_loads_and_its_release_and_publisher_are_recorded
     assert result["state"] == "ready", result
     assert signed.image_id in rig.dockerd.image_ids()
     record = read_record(rig.state_dir)
-    key_id = signing.read_public_key(key.with_suffix(".key.pub")).name
+    key_id = team.key_id
     assert record is not None and record.release == 3 and record.publisher == key_id
     assert (result["release"], result["publisher"]) == (3, key_id)
     assert manager.status_line() == f"ready: 1 image loaded, release 3 signed by {key_id}"
@@ -102,7 +71,7 @@ async def test_a_signed_archive_loads_and_its_release_and_publisher_are_recorded
 
 
 async def test_unsigned_archive_with_a_key_installed_is_refused(rig: Rig) -> None:
-    publisher(rig, "release-team", trusted=True)
+    Publisher(rig, "release-team")
     unsigned = pack_signed(rig, None, release=0)
 
     result = await unlock(rig.manager())
@@ -115,8 +84,8 @@ async def test_unsigned_archive_with_a_key_installed_is_refused(rig: Rig) -> Non
 
 
 async def test_an_archive_signed_by_an_untrusted_key_is_refused(rig: Rig) -> None:
-    publisher(rig, "release-team", trusted=True)
-    stranger = publisher(rig, "stranger", trusted=False)
+    Publisher(rig, "release-team")
+    stranger = Publisher(rig, "stranger", trusted=False)
     signed = pack_signed(rig, stranger, release=5)
 
     result = await unlock(rig.manager())
@@ -130,8 +99,8 @@ async def test_a_bad_signature_is_found_in_the_same_pass_and_nothing_is_loaded(r
     """The stream itself is intact (every chunk authenticates); only the signature is wrong.
     The whole tar but its held-back tail reaches the engine before the signature can be
     checked; the tail never does, so the engine keeps nothing."""
-    key = publisher(rig, "release-team", trusted=True)
-    signed = pack_signed(rig, key, release=2)
+    team = Publisher(rig, "release-team")
+    signed = pack_signed(rig, team, release=2)
     data = bytearray(signed.archive.read_bytes())
     data[-1] ^= 0x01  # the signature's last byte
     signed.archive.write_bytes(bytes(data))
@@ -149,10 +118,10 @@ async def test_a_bad_signature_is_found_in_the_same_pass_and_nothing_is_loaded(r
 async def test_an_older_signed_release_is_refused_unless_allowed(rig: Rig) -> None:
     """2 -> 1 is a failed update: the device stays ready on release 2 and says why; with
     LOADER_ALLOW_DOWNGRADE the same archive is installed."""
-    key = publisher(rig, "release-team", trusted=True)
-    newer = pack_signed(rig, key, release=2)
+    team = Publisher(rig, "release-team")
+    newer = pack_signed(rig, team, release=2)
     assert (await unlock(rig.manager()))["state"] == "ready"
-    older = pack_signed(rig, key, release=1)
+    older = pack_signed(rig, team, release=1)
 
     refused = await unlock(rig.manager())
 
@@ -187,7 +156,7 @@ async def test_installing_a_key_later_makes_the_unverified_install_load_again(ri
     next unlock reads the archive again, and refuses it."""
     unsigned = pack_signed(rig, None, release=0)
     assert (await unlock(rig.manager()))["state"] == "ready"
-    publisher(rig, "release-team", trusted=True)
+    Publisher(rig, "release-team")
 
     result = await unlock(rig.manager())
 

@@ -12,31 +12,22 @@ from __future__ import annotations
 
 import secrets
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from docker.models.containers import Container
 
-from agent import signing
 from agent.engine import Engine
 from agent.errors import StorageError
-from agent.images import ImageEngine
-from agent.pack import pack_images
 from agent.unlock import read_record
 from agent.unlock.pipeline import check_room
-from tests.fixtures.devapi import DevApi
-from tests.fixtures.dockerd import Dockerd, import_image
-from tests.test_unlock import Rig, rig_over, unlock
+from tests.fixtures.dockerd import Dockerd
+from tests.fixtures.release import Publisher
+from tests.test_unlock import Rig, unlock
 
 pytestmark = pytest.mark.docker
-
-
-@pytest.fixture
-async def rig(dockerd: Dockerd, shared_dev_api: DevApi, tmp_path: Path) -> AsyncIterator[Rig]:
-    async for made in rig_over(dockerd, shared_dev_api, tmp_path):
-        yield made
 
 
 @dataclass
@@ -45,36 +36,20 @@ class Release:
     images: dict[str, str]  # name -> image ID
 
 
-class Publisher:
-    """Makes signed releases of named images into the rig's archive path."""
+class Releases:
+    """Signed releases of named images, put in place of the rig's archive."""
 
     def __init__(self, rig: Rig) -> None:
         self.rig = rig
-        self.key = rig.root / "publisher.key"
-        public = signing.write_key_pair(self.key, "releases")
-        installed = rig.root / "publishers.d"
-        installed.mkdir()
-        (installed / "releases.pub").write_text(public.to_line())
+        self.publisher = Publisher(rig, "releases")
         self.repository = f"azaion/test-update-{secrets.token_hex(3)}"
 
     def release(self, number: int, names: list[str]) -> Release:
-        dockerd = self.rig.dockerd
         refs = {name: f"{self.repository}-{name.replace(':', ':v')}" for name in names}
-        ids = {name: import_image(dockerd.client, ref) for name, ref in refs.items()}
         staged = self.rig.root / f"release-{number}.enc"
-        with ImageEngine.connect(dockerd.host) as engine:
-            pack_images(
-                engine,
-                list(refs.values()),
-                staged,
-                [self.rig.dev_api.key_fragment],
-                sign_key=signing.read_private_key(self.key),
-                release=number,
-            )
-        for image_id in ids.values():
-            dockerd.client.images.remove(image_id, force=True)
+        ids = self.publisher.pack(list(refs.values()), number, staged)
         staged.replace(self.rig.archive)  # put in place as a package would: a rename
-        return Release(number, ids)
+        return Release(number, {name: ids[ref] for name, ref in refs.items()})
 
 
 @pytest.fixture
@@ -88,15 +63,15 @@ def app_containers(rig: Rig) -> Iterator[list[Container]]:
 async def test_release_1_to_2_while_an_app_runs_then_a_tampered_3(
     rig: Rig, app_containers: list[Container]
 ) -> None:
-    publisher = Publisher(rig)
-    one = publisher.release(1, ["app:1", "tool:1"])
+    releases = Releases(rig)
+    one = releases.release(1, ["app:1", "tool:1"])
     assert (await unlock(rig.manager()))["release"] == 1
     app = rig.dockerd.client.containers.run(
         one.images["app:1"], ["/bin/busybox", "sleep", "600"], detach=True, network_mode="none"
     )
     app_containers.append(app)
 
-    two = publisher.release(2, ["app:2", "extra:1"])
+    two = releases.release(2, ["app:2", "extra:1"])
     manager = rig.manager()
     result = await unlock(manager)  # boot: ready on 1 at once, then the update
 
@@ -120,7 +95,7 @@ async def test_release_1_to_2_while_an_app_runs_then_a_tampered_3(
     record = read_record(rig.state_dir)
     assert record is not None and record.pending_removal == ()
 
-    three = publisher.release(3, ["app:3"])
+    three = releases.release(3, ["app:3"])
     data = bytearray(rig.archive.read_bytes())
     data[len(data) // 2] ^= 0x01  # a flipped bit inside a chunk
     rig.archive.write_bytes(bytes(data))
