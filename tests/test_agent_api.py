@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.fixtures.agent import REPO, AgentProcess
+from tests.fixtures.agent import REPO, AgentProcess, login
 from tests.fixtures.devapi import DevApi
 
 MakeAgent = Callable[..., AgentProcess]
@@ -54,16 +54,11 @@ def test_cli_login_reads_password_from_env_and_stdin(
     assert "not-the-password" not in wrong.stderr + agent.log()
 
 
-def _login(agent: AgentProcess, dev_api: DevApi) -> None:
-    reply = agent.request("POST", "/login", {"email": dev_api.email, "password": dev_api.password})
-    assert reply.status == 200, reply.body
-
-
 def test_upload_then_load_round_trip_over_the_socket(
     make_agent: MakeAgent, dev_api: DevApi, agent_root: Path
 ) -> None:
     agent = make_agent(RESOURCE_API_URL=dev_api.url)
-    _login(agent, dev_api)
+    login(agent, dev_api)
     data = os.urandom(3 * 1024 * 1024 + 17)
     source = agent_root / "model.bin"
     source.write_bytes(data)
@@ -91,7 +86,7 @@ def test_load_missing_resource_is_404_and_cli_leaves_no_file(
     make_agent: MakeAgent, dev_api: DevApi, agent_root: Path
 ) -> None:
     agent = make_agent(RESOURCE_API_URL=dev_api.url)
-    _login(agent, dev_api)
+    login(agent, dev_api)
     reply = agent.request("POST", "/load/absent.bin", {"folder": "models"})
     assert reply.status == 404
     assert reply.json()["error"] == "not_found"
@@ -114,7 +109,7 @@ def test_upload_with_folder_after_file_is_refused_clearly(
     make_agent: MakeAgent, dev_api: DevApi
 ) -> None:
     agent = make_agent(RESOURCE_API_URL=dev_api.url)
-    _login(agent, dev_api)
+    login(agent, dev_api)
     body = (
         b'--b\r\nContent-Disposition: form-data; name="file"; filename="m"\r\n\r\n'
         b'abc\r\n--b\r\nContent-Disposition: form-data; name="folder"\r\n\r\nmodels\r\n--b--\r\n'

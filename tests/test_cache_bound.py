@@ -253,12 +253,20 @@ def test_an_orphan_a_load_reads_goes_when_that_load_ends(
 # -- the index ---------------------------------------------------------------------------------
 
 
+def two_of_three(
+    make_device: Device, publisher: AgentProcess
+) -> tuple[dict[str, bytes], dict[str, str], AgentProcess]:
+    """Resources a, b and c of 1 MiB uploaded (their data, their big parts' names), and a
+    device whose cache holds two of them."""
+    data = {name: pattern(MiB, seed) for seed, name in enumerate("abc")}
+    big = {name: upload(publisher, name, content) for name, content in data.items()}
+    return data, big, make_device(LOADER_CACHE_MAX_BYTES=str(5 * MiB // 2))
+
+
 def test_the_lru_order_and_the_resources_survive_a_restart(
     make_device: Device, publisher: AgentProcess
 ) -> None:
-    data = {name: pattern(MiB, seed) for seed, name in enumerate("abc")}
-    big = {name: upload(publisher, name, content) for name, content in data.items()}
-    device = make_device(LOADER_CACHE_MAX_BYTES=str(5 * MiB // 2))
+    data, big, device = two_of_three(make_device, publisher)
     load(device, "b")
     load(device, "a")
     load(device, "b")  # b most recent, a least
@@ -294,9 +302,7 @@ def test_the_lru_order_and_the_resources_survive_a_restart(
 def test_an_unreadable_index_is_rebuilt_from_the_files(
     make_device: Device, publisher: AgentProcess, damage: bytes
 ) -> None:
-    data = {name: pattern(MiB, seed) for seed, name in enumerate("abc")}
-    big = {name: upload(publisher, name, content) for name, content in data.items()}
-    device = make_device(LOADER_CACHE_MAX_BYTES=str(5 * MiB // 2))
+    data, big, device = two_of_three(make_device, publisher)
     load(device, "a")
     load(device, "b")
     load(device, "a")  # by the index, b is least recently used

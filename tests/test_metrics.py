@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent import __version__, stream
 from agent.archive import ArchiveManifest, ImageEntry, payload_head
-from tests.fixtures.agent import AgentProcess, wait_for
+from tests.fixtures.agent import AgentProcess, login, wait_for
 from tests.fixtures.devapi import DevApi
 from tests.fixtures.users import AccessUsers, curl_as
 
@@ -48,11 +48,6 @@ class Scrape:
 
     def label_sets(self, name: str) -> set[Labels]:
         return set(self.samples.get(name, {}))
-
-
-def _login(agent: AgentProcess, dev_api: DevApi) -> None:
-    reply = agent.request("POST", "/login", {"email": dev_api.email, "password": dev_api.password})
-    assert reply.status == 200, reply.body
 
 
 def _upload(agent: AgentProcess, directory: Path, name: str, data: bytes) -> None:
@@ -161,7 +156,7 @@ def test_upload_load_bytes_and_cache(
     make_agent: MakeAgent, dev_api: DevApi, agent_root: Path
 ) -> None:
     agent = make_agent(RESOURCE_API_URL=dev_api.url)
-    _login(agent, dev_api)
+    login(agent, dev_api)
     data = os.urandom(1024 * 1024 + 5)
     start = Scrape(agent)
     _upload(agent, agent_root, "model.bin", data)
@@ -200,7 +195,7 @@ def test_refused_and_failed_operations_count_by_error_code(
     make_agent: MakeAgent, dev_api: DevApi
 ) -> None:
     agent = make_agent(RESOURCE_API_URL=dev_api.url)
-    _login(agent, dev_api)
+    login(agent, dev_api)
     assert agent.request("POST", "/load/absent.bin", {"folder": "models"}).status == 404
     assert agent.request("POST", "/load/-bad", {"folder": "models"}).status == 400
     body = (
@@ -224,7 +219,7 @@ def test_retries_are_counted_by_upstream_and_cause(
     make_agent: MakeAgent, dev_api: DevApi, agent_root: Path
 ) -> None:
     agent = make_agent(RESOURCE_API_URL=dev_api.url)
-    _login(agent, dev_api)
+    login(agent, dev_api)
     data = os.urandom(10_000)
     _upload(agent, agent_root, "model.bin", data)
     retries = "azaion_loader_retries_total"

@@ -30,7 +30,7 @@ from agent.errors import (
 )
 from agent.resources import ResourceStore, SmallPart
 from agent.retry import RetryPolicy
-from tests.fixtures.agent import AgentProcess
+from tests.fixtures.agent import AgentProcess, login
 from tests.fixtures.devapi import DevApi
 
 FAST = RetryPolicy(base_delay=0.0, max_delay=0.0, max_attempts=5, max_total=60.0)
@@ -370,17 +370,12 @@ def test_a_release_record_that_cannot_be_read_is_set_aside(
 # -- the real agent and CLI ---------------------------------------------------------------------
 
 
-def _login(agent: AgentProcess, dev_api: DevApi) -> None:
-    reply = agent.request("POST", "/login", {"email": dev_api.email, "password": dev_api.password})
-    assert reply.status == 200, reply.body
-
-
 def test_cli_signs_uploads_and_the_agent_refuses_what_is_unsigned(
     make_agent: MakeAgent, dev_api: DevApi, agent_root: Path
 ) -> None:
     publishers = agent_root / "publishers.d"
     agent = make_agent(RESOURCE_API_URL=dev_api.url, LOADER_PUBLISHERS_DIR=str(publishers))
-    _login(agent, dev_api)
+    login(agent, dev_api)
     keygen = subprocess.run(
         [sys.executable, "-m", "agent", "publisher-keygen", "--out", str(agent_root / "pub.key")],
         capture_output=True,
@@ -423,7 +418,7 @@ def test_cli_signed_upload_refuses_bad_arguments_before_sending(
     make_agent: MakeAgent, dev_api: DevApi, agent_root: Path
 ) -> None:
     agent = make_agent(RESOURCE_API_URL=dev_api.url)
-    _login(agent, dev_api)
+    login(agent, dev_api)
     source = agent_root / "m.bin"
     source.write_bytes(b"m" * 1000)
     key = agent_root / "k.key"
@@ -447,7 +442,7 @@ def test_http_signed_upload_steps_validate_their_input(
     make_agent: MakeAgent, dev_api: DevApi
 ) -> None:
     agent = make_agent(RESOURCE_API_URL=dev_api.url)
-    _login(agent, dev_api)
+    login(agent, dev_api)
     for query in ("", "?key_id=zz&release=1", "?key_id=0011223344556677&release=-1"):
         reply = agent.request("POST", f"/upload/x.bin/statement{query}", None)
         assert reply.status == 400, reply.body
