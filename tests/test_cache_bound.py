@@ -141,6 +141,12 @@ def test_bound_holds_and_the_least_recently_loaded_part_goes(
     assert metric(device, "azaion_loader_cache_bytes ") == status["used_bytes"]
     assert metric(device, "azaion_loader_cache_limit_bytes ") == bound
     assert metric(device, 'azaion_loader_cache_removals_total{reason="evicted"}') == 1
+    human = device.cli("status").stdout
+    used_mb, bound_mb = status["used_bytes"] / 1e6, bound / 1e6
+    assert (
+        f"model cache:   {cache_dir(device)} ({used_mb:.1f} MB of {bound_mb:.1f} MB, 2 parts)"
+        in human
+    )
     cdn_gets = dev_api.count("GET", "/cdn/")
     assert load(device, "b") == data["b"]  # evicted: from the CDN again
     assert dev_api.count("GET", "/cdn/") == cdn_gets + 1

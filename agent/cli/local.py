@@ -140,11 +140,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     lines = [
         f"azaion-loader {data.get('version', '?')}: {data.get('status')}",
         f"  authenticated: {'yes' if data.get('authenticated') else 'no'}",
-        f"  model cache:   {data.get('modelCacheDir')}",
+        f"  model cache:   {data.get('modelCacheDir')}{_cache_use(data.get('cache'))}",
         f"  images:        {describe_unlock(unlock)}",
     ]
     _print(args, data, "\n".join(lines))
     return status_exit_code(unlock["state"])
+
+
+def _cache_use(cache: object) -> str:
+    """`` (N MB of M MB, K parts)`` from /status's ``cache``, or nothing if it has none."""
+    if not isinstance(cache, dict):
+        return ""
+    used, limit, parts = cache.get("used_bytes"), cache.get("max_bytes"), cache.get("parts")
+    if not (isinstance(used, int) and isinstance(limit, int) and isinstance(parts, int)):
+        return ""
+    return f" ({used / 1e6:.1f} MB of {limit / 1e6:.1f} MB, {parts} parts)"
 
 
 def status_exit_code(state: str) -> int:
