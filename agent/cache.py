@@ -634,7 +634,8 @@ class BigPartCache:
                 if data is None:
                     self.index_path.unlink(missing_ok=True)
                 else:
-                    write_atomically(self.index_path, data)
+                    # Not synced: after a crash a lost or torn index is rebuilt from the files.
+                    write_atomically(self.index_path, data, durable=False)
             except OSError as exc:
                 if not self._write_failed:
                     logger.warning("cannot write the model cache index: {}", exc.strerror)

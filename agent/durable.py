@@ -38,10 +38,16 @@ def sync_directory(directory: Path) -> None:
 
 @contextlib.contextmanager
 def _beside(
-    path: Path, *, replace: bool = True, mode: int = PRIVATE, buffering: int = -1
+    path: Path,
+    *,
+    replace: bool = True,
+    mode: int = PRIVATE,
+    buffering: int = -1,
+    durable: bool = True,
 ) -> Iterator[BinaryIO]:
-    """A temp file beside ``path`` to write to; once the block ends cleanly it is synced, given
-    ``mode`` and moved to ``path``. Raises ``OSError``; the temp file never outlives the call."""
+    """A temp file beside ``path`` to write to; once the block ends cleanly it is synced
+    (unless not ``durable``), given ``mode`` and moved to ``path``. Raises ``OSError``; the
+    temp file never outlives the call."""
     descriptor, temp_name = tempfile.mkstemp(
         dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
     )
@@ -49,7 +55,8 @@ def _beside(
         with os.fdopen(descriptor, "wb", buffering=buffering) as file:  # mkstemp: mode 0600
             yield file
             file.flush()
-            os.fsync(file.fileno())
+            if durable:
+                os.fsync(file.fileno())
             if mode != PRIVATE:
                 os.fchmod(file.fileno(), mode)
         if replace:
@@ -59,16 +66,22 @@ def _beside(
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp_name)
-    sync_directory(path.parent)
+    if durable:
+        sync_directory(path.parent)
 
 
-def write_atomically(path: Path, data: bytes, *, replace: bool = True, mode: int = PRIVATE) -> None:
+def write_atomically(
+    path: Path, data: bytes, *, replace: bool = True, mode: int = PRIVATE, durable: bool = True
+) -> None:
     """Write ``data`` to ``path`` durably and atomically (mode 0600 unless ``mode`` says).
 
     With ``replace=False`` an existing ``path`` is left alone and ``FileExistsError`` raised.
-    Other failures raise ``OSError``; no temporary file is left behind either way.
+    Other failures raise ``OSError``; no temporary file is left behind either way. Not
+    ``durable``: atomic (a reader sees the old or the new file) but not synced, for what a
+    crash may lose (an fsync commits the file system's journal, and with it the dirty data of
+    every other file: a download's megabytes).
     """
-    with _beside(path, replace=replace, mode=mode) as file:
+    with _beside(path, replace=replace, mode=mode, durable=durable) as file:
         file.write(data)
 
 
