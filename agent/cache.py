@@ -15,9 +15,9 @@ While a part downloads, its partial file is read by the loads that follow the do
 moved to its final name only once its SHA-256 matches.
 
 This module is the disk only: who downloads, resumes and retries is ``agent.download``, which
-writes through a ``Partial`` and asks ``check_free_space`` first: the cache's file system must
-hold what is still missing plus ``FREE_SPACE_RESERVE``, else ``CacheError`` (507) says how much
-is free and how much is needed.
+writes through a ``Partial`` and asks ``make_room`` first: within the bound (below), and the
+cache's file system must hold what is still missing plus ``FREE_SPACE_RESERVE``
+(``check_free_space``), else ``CacheError`` (507) says how much is free and how much is needed.
 
 The cache is bounded (``max_bytes``, setting ``LOADER_CACHE_MAX_BYTES``; by default a quarter of
 its file system, ``default_max_bytes``). What it holds is counted from the files: complete parts,
@@ -37,7 +37,8 @@ the spools of uploads (transient). Two things take space back:
 
 Which part each resource uses, when each part was last used (a counter, not the clock: devices
 may boot with no RTC) and which parts are orphans survive restarts in ``.index.json`` in the
-cache dir, written atomically (``agent.durable``) in a worker thread when what the cache holds
+cache dir, written atomically but not synced (``agent.durable``; a lost or torn index is rebuilt)
+in a worker thread when what the cache holds
 changes (a part in or out, a resource's part, an orphan; changes during a write are written
 together after it), and at close. A load of a part already cached changes only the order of
 use: that is written with the next change (a power cut may lose it: harmless, the order only

@@ -61,7 +61,6 @@ from agent.errors import (
 from agent.releases import ResourceReleases
 from agent.schemas import UploadResult
 from agent.signing import (
-    KEY_ID_SIZE,
     PUBLIC_KEY_SIZE,
     Kind,
     PublicKey,
@@ -245,11 +244,7 @@ class ResourceStore:
         publisher's private key). ``commit_signature`` stores it signed; unsigned for
         ``PENDING_SIGNATURE_SECONDS``, it is dropped. At most ``MAX_PENDING_SIGNATURES`` wait
         (each holds a big part on disk)."""
-        if len(self._pending) >= MAX_PENDING_SIGNATURES:
-            raise ConflictError(
-                f"{len(self._pending)} uploads already wait for their signature; sign them, or "
-                f"wait until they expire ({PENDING_SIGNATURE_SECONDS:.0f} s after they were sent)"
-            )
+        self._check_room_to_wait()  # before the body is read
         prepared = await self._prepare(folder, name, chunks)
         with contextlib.ExitStack() as unless_pending:
             unless_pending.push(prepared.spooled)
@@ -263,10 +258,7 @@ class ResourceStore:
                 ciphertext_sha256,
                 hashlib.sha256(manifest).digest(),
             )
-            if len(self._pending) >= MAX_PENDING_SIGNATURES:  # others came while this encrypted
-                raise ConflictError(
-                    f"{len(self._pending)} uploads already wait for their signature; try again"
-                )
+            self._check_room_to_wait()  # others may have come while this one encrypted
             upload_id = secrets.token_hex(16)
             expiry = asyncio.get_running_loop().call_later(
                 PENDING_SIGNATURE_SECONDS, self._expire, upload_id
@@ -312,6 +304,13 @@ class ResourceStore:
         pending.expiry.cancel()
         with pending.prepared.spooled:
             return await self._store(pending.prepared, SignatureBlock(statement, signature))
+
+    def _check_room_to_wait(self) -> None:
+        if len(self._pending) >= MAX_PENDING_SIGNATURES:
+            raise ConflictError(
+                f"{len(self._pending)} uploads already wait for their signature; sign them, or "
+                f"wait until they expire ({PENDING_SIGNATURE_SECONDS:.0f} s after they were sent)"
+            )
 
     def _expire(self, upload_id: str) -> None:
         pending = self._pending.get(upload_id)
@@ -931,13 +930,8 @@ def _verify_signature(
         return  # admitted: signatures are not enforced
     ciphertext_size, ciphertext_sha256 = small.ciphertext()
     manifest = resource_manifest(folder, name, size, small.signature.statement.release)
-    measured = Statement(
-        Kind.RESOURCE,
-        bytes(KEY_ID_SIZE),  # not measured: the block's own
-        0,
-        ciphertext_size,
-        ciphertext_sha256,
-        hashlib.sha256(manifest).digest(),
+    measured = Statement.measured(
+        Kind.RESOURCE, ciphertext_size, ciphertext_sha256, hashlib.sha256(manifest).digest()
     )
     trust.verify(small.signature, measured, f"resource {folder}/{name}")
 

@@ -388,8 +388,9 @@ async def status(request: web.Request) -> web.Response:
 
 
 def signature_status(publishers_dir: Path) -> SignatureStatus:
-    """Read afresh (a handful of small files), so the answer is what the next unlock will use."""
-    store = TrustStore.load(publishers_dir)
+    """The keys as they are now (read again whenever a key file changed), so the answer is
+    what the next unlock and load will use."""
+    store = TrustStore.current(publishers_dir)
     return SignatureStatus(
         enforced=store.enforced, keys=store.key_names(), problems=list(store.problems)
     )

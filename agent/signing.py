@@ -389,6 +389,14 @@ class Statement:
         return DOMAIN + self.fields()
 
     @classmethod
+    def measured(
+        cls, kind: Kind, ciphertext_size: int, ciphertext_sha256: bytes, manifest_sha256: bytes
+    ) -> Statement:
+        """What a reader measured itself, for ``TrustStore.verify`` to compare with a block:
+        the key id and release are the block's own, not measured (left zero here)."""
+        return cls(kind, bytes(KEY_ID_SIZE), 0, ciphertext_size, ciphertext_sha256, manifest_sha256)
+
+    @classmethod
     def decode(cls, data: bytes) -> Statement:
         """Parse the bytes ``encode`` makes; ``ValueError`` if they are not a statement."""
         if len(data) != len(DOMAIN) + _FIELDS.size or not data.startswith(DOMAIN):

@@ -58,13 +58,8 @@ def check(vector: dict[str, Any], store: signing.TrustStore) -> None:
         assert (len(big), hashlib.sha256(big).digest()) == (small.big_size, small.big_sha256)
         block = small.signature
         size, digest = signing.resource_ciphertext(small.head, len(big), small.big_sha256)
-    measured = signing.Statement(
-        kind,
-        bytes(signing.KEY_ID_SIZE),
-        0,
-        size,
-        digest,
-        hashlib.sha256(vector["manifest"].encode()).digest(),
+    measured = signing.Statement.measured(
+        kind, size, digest, hashlib.sha256(vector["manifest"].encode()).digest()
     )
     store.verify(block, measured, vector["name"])
 

@@ -374,10 +374,8 @@ def then_verified(
     """Pass ``pieces`` on; once they end (the stream authenticated), verify the signature, so
     a failure comes before ``held_back`` releases the tail."""
     yield from pieces
-    measured = Statement(
+    measured = Statement.measured(
         Kind.ARCHIVE,
-        bytes(8),
-        0,
         reader.size,
         reader.digest() or bytes(32),
         hashlib.sha256(splitter.manifest_bytes).digest(),
